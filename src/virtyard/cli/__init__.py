@@ -1,0 +1,1 @@
+"""Virtyard cli (see docs/ARCHITECTURE.md)."""

@@ -1,0 +1,1 @@
+"""Virtyard engine (see docs/ARCHITECTURE.md)."""

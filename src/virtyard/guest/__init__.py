@@ -1,0 +1,1 @@
+"""Virtyard guest (see docs/ARCHITECTURE.md)."""

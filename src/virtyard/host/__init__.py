@@ -1,0 +1,1 @@
+"""Virtyard host (see docs/ARCHITECTURE.md)."""
