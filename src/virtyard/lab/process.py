@@ -33,6 +33,9 @@ PACKAGE_OF: dict[str, str] = {
     "udevadm": "udev",
     "unshare": "util-linux",
     "losetup": "util-linux",
+    "mount": "mount",
+    "useradd": "passwd",
+    "groupadd": "passwd",
     "dpkg-deb": "dpkg",
     "apt-get": "apt",
 }
@@ -88,8 +91,13 @@ def run(
 
 def mask(argv: list[str], secrets: tuple[str, ...]) -> list[str]:
     """``argv`` with every secret replaced by ``***``, fit for logs and error messages."""
-    hidden = {s for s in secrets if s}
-    return ["***" if arg in hidden else arg for arg in argv]
+    masked = []
+    for arg in argv:
+        for secret in secrets:
+            if secret:
+                arg = arg.replace(secret, "***")
+        masked.append(arg)
+    return masked
 
 
 def pid_alive(pid: int) -> bool:

@@ -1,0 +1,295 @@
+"""The whole lab in one directory: tgtd, N libvirtd hosts, the tiny guest, and their state.
+
+``up`` is idempotent and all-or-nothing (what it started is stopped again when a later step
+fails); ``down`` stops everything and leaves no process, loop device, mount or file behind.
+Two labs with different state directories and ports run side by side (the demo's and the tests').
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from virtyard.lab import ports
+from virtyard.lab.errors import LabError, MissingPackageError
+from virtyard.lab.guest_image import GuestImage, build_guest_image
+from virtyard.lab.hypervisor import HypervisorHost
+from virtyard.lab.iscsi_target import TargetServer
+from virtyard.lab.kvm import detect_accelerator
+from virtyard.lab.process import PACKAGE_OF, require, run
+
+# Programs `up` needs; checked together so that one error names every missing package.
+REQUIRED_PROGRAMS = (
+    "tgtd", "tgtadm", "libvirtd", "qemu-system-x86_64", "qemu-img", "iscsi-ls",
+    "unshare", "losetup", "cpio", "udevadm", "dpkg-deb", "apt-get", "genisoimage", "pvcreate",
+)
+
+
+def default_cache_dir() -> Path:
+    """Where built guest images are kept between labs (rebuilt only when packages change)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(os.environ.get("VIRTYARD_CACHE", str(Path(base) / "virtyard")))
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    """Where a lab keeps its state and which loopback ports it uses."""
+
+    state_dir: Path
+    iscsi_port: int
+    tgt_control_port: int
+    libvirt_base_port: int
+    migration_base_port: int
+    host_count: int = 2
+    cache_dir: Path | None = None
+
+    @classmethod
+    def demo(cls, state_dir: Path) -> LabConfig:
+        """The lab ``make demo`` runs."""
+        return cls(state_dir, iscsi_port=13260, tgt_control_port=1326,
+                   libvirt_base_port=16610, migration_base_port=49200)
+
+    @classmethod
+    def test(cls, state_dir: Path) -> LabConfig:
+        """The lab the test suite runs: its own directory and ports, so both can run at once."""
+        return cls(state_dir, iscsi_port=23260, tgt_control_port=2326,
+                   libvirt_base_port=26610, migration_base_port=49400)
+
+    def to_json(self) -> dict[str, Any]:
+        raw = asdict(self)
+        raw["state_dir"] = str(self.state_dir)
+        raw["cache_dir"] = str(self.cache_dir) if self.cache_dir else None
+        return raw
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> LabConfig:
+        return cls(**{**raw, "state_dir": Path(raw["state_dir"]),
+                      "cache_dir": Path(raw["cache_dir"]) if raw.get("cache_dir") else None})
+
+    def all_ports(self) -> Iterator[tuple[int, str]]:
+        """Every TCP port the lab listens on, with what it is for."""
+        yield self.iscsi_port, "iSCSI portal (tgtd)"
+        for i in range(self.host_count):
+            yield self.libvirt_base_port + i, f"libvirtd of host{i + 1}"
+
+
+class Lab:
+    """One lab: :meth:`up` builds it, :meth:`status` describes it, :meth:`down` removes it."""
+
+    def __init__(self, config: LabConfig) -> None:
+        self.config = config
+        self.state_dir = config.state_dir.resolve()
+        self.storage = TargetServer(self.state_dir / "iscsi", config.iscsi_port,
+                                    config.tgt_control_port)
+        self.hosts = [self._host(i) for i in range(config.host_count)]
+
+    @classmethod
+    def load(cls, state_dir: Path) -> Lab | None:
+        """The lab whose state lives in ``state_dir``, or ``None`` when there is none."""
+        try:
+            raw = json.loads((state_dir / "lab.json").read_text())
+        except FileNotFoundError:
+            return None
+        return cls(LabConfig.from_json(raw["config"]))
+
+    def _host(self, i: int) -> HypervisorHost:
+        port = self.config.libvirt_base_port + i
+        first = self.config.migration_base_port + 20 * i
+        # A stable host UUID per lab and host: the same host keeps its identity across up/down.
+        host_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"virtyard-lab:{self.state_dir}:{i}"))
+        return HypervisorHost(name=f"host{i + 1}", root=self.state_dir / "hosts" / f"host{i + 1}",
+                              tcp_port=port, migration_ports=(first, first + 19),
+                              host_uuid=host_uuid)
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.config.cache_dir or default_cache_dir()
+
+    @property
+    def console_dir(self) -> Path:
+        """Serial console logs of lab guests (shared by all hosts, so migration keeps them)."""
+        return self.state_dir / "consoles"
+
+    # -- up -------------------------------------------------------------------------------
+
+    def up(self) -> dict[str, Any]:
+        """Bring every part up (idempotent) and return :meth:`status`."""
+        check_prerequisites()
+        self._check_ports()
+        fresh = not self.storage.is_running() and not any(h.is_running() for h in self.hosts)
+        started: list[HypervisorHost | TargetServer] = []
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            self.console_dir.mkdir(exist_ok=True)
+            image = build_guest_image(self.cache_dir / "guest")
+            accelerator = self._accelerator(image)
+            self._save({"accelerator": accelerator, "kernel": str(image.kernel),
+                        "initrd": str(image.initrd), "kernel_version": image.kernel_version})
+            if not self.storage.is_running():
+                self.storage.start()
+                started.append(self.storage)
+            to_start = [h for h in self.hosts if not h.is_running()]
+            with ThreadPoolExecutor(max_workers=max(1, len(to_start))) as pool:
+                futures = {pool.submit(h.start): h for h in to_start}
+                errors = []
+                for future, host in futures.items():
+                    try:
+                        future.result()
+                        started.append(host)
+                    except LabError as exc:
+                        errors.append(exc)
+                if errors:
+                    raise errors[0]
+        except BaseException:
+            for part in reversed(started):
+                part.stop()
+            if fresh:  # nothing ran before this call: leave nothing behind either
+                shutil.rmtree(self.state_dir, ignore_errors=True)
+            raise
+        return self.status()
+
+    def _check_ports(self) -> None:
+        running = {self.config.iscsi_port} if self.storage.is_running() else set()
+        running |= {h.tcp_port for h in self.hosts if h.is_running()}
+        for port, purpose in self.config.all_ports():
+            if port not in running:
+                ports.ensure_free(port, purpose)
+
+    def _accelerator(self, image: GuestImage) -> str:
+        """KVM only where a guest really boots with it; probed once per kernel and kept."""
+        cached = self._load().get("accelerator_probe", {})
+        if cached.get("kernel_version") == image.kernel_version and cached.get("kvm_exists") == \
+                os.path.exists("/dev/kvm"):
+            return str(cached["accelerator"])
+        accelerator = detect_accelerator(image, self.state_dir, timeout=20.0)
+        self._save({"accelerator_probe": {"kernel_version": image.kernel_version,
+                                          "kvm_exists": os.path.exists("/dev/kvm"),
+                                          "accelerator": accelerator}})
+        return accelerator
+
+    # -- down -----------------------------------------------------------------------------
+
+    def down(self) -> None:
+        """Stop everything and remove the state directory; safe to run twice."""
+        errors: list[LabError] = []
+        parts: list[HypervisorHost | TargetServer] = [*self.hosts, self.storage]
+        for part in parts:
+            try:
+                part.stop()
+            except LabError as exc:
+                errors.append(exc)
+        detach_loop_devices_under(self.state_dir)
+        if errors:
+            raise errors[0]
+        if self.state_dir.exists():
+            shutil.rmtree(self.state_dir)
+
+    # -- status ---------------------------------------------------------------------------
+
+    @property
+    def accelerator(self) -> str:
+        return str(self._load().get("accelerator", "tcg"))
+
+    @property
+    def guest_image(self) -> GuestImage:
+        state = self._load()
+        if "kernel" not in state:
+            raise LabError(f"the lab in {self.state_dir} is not up: run 'virtyard-lab up'")
+        return GuestImage(kernel=Path(state["kernel"]), initrd=Path(state["initrd"]),
+                          kernel_version=str(state["kernel_version"]), flavour="tiny")
+
+    def status(self) -> dict[str, Any]:
+        """What runs, where, and how to reach it."""
+        state = self._load()
+        return {
+            "state_dir": str(self.state_dir),
+            "accelerator": state.get("accelerator"),
+            "guest": {"kernel": state.get("kernel"), "initrd": state.get("initrd")},
+            "iscsi": self.storage.status(),
+            "hosts": [h.status() for h in self.hosts],
+        }
+
+    def env(self) -> dict[str, str]:
+        """The lab as shell variables, for ``demo.env``."""
+        return {
+            "VIRTYARD_ISCSI_PORTAL": self.storage.portal,
+            "VIRTYARD_LIBVIRT_URIS": " ".join(h.uri for h in self.hosts),
+        }
+
+    def _load(self) -> dict[str, Any]:
+        try:
+            state: dict[str, Any] = json.loads((self.state_dir / "lab.json").read_text())
+        except FileNotFoundError:
+            return {}
+        return state
+
+    def _save(self, updates: dict[str, Any]) -> None:
+        state = self._load()
+        state.update(updates)
+        state["config"] = self.config.to_json()
+        path = self.state_dir / "lab.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(path)
+
+
+def leftovers(state_dir: Path) -> list[str]:
+    """Anything a lab in ``state_dir`` may have left: processes, mounts, loop devices, files.
+
+    Processes and mounts are found through every process's command line and mount table, so
+    those in other mount namespaces (the hosts' libvirtd and QEMU) are seen too.
+    """
+    root = str(state_dir.resolve())
+    found: list[str] = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            mounts = (proc / "mountinfo").read_text(errors="replace")
+        except OSError:
+            continue
+        if root in cmdline:
+            found.append(f"process {proc.name}: {cmdline.strip()[:200]}")
+        elif f" {root}/" in mounts or f" {root} " in mounts:
+            found.append(f"process {proc.name} holds mounts under {root}: {cmdline.strip()[:120]}")
+    found.extend(f"loop device {dev}" for dev in loop_devices_under(state_dir))
+    if state_dir.exists():
+        found.append(f"directory {state_dir} still exists")
+    return found
+
+
+def check_prerequisites() -> None:
+    """Raise one :class:`MissingPackageError` naming every missing program and its package."""
+    missing = []
+    for program in REQUIRED_PROGRAMS:
+        try:
+            require(program)
+        except MissingPackageError:
+            missing.append((program, PACKAGE_OF.get(program, program)))
+    if missing:
+        raise MissingPackageError(*missing[0], *missing[1:])
+
+
+def loop_devices_under(root: Path) -> list[str]:
+    """Loop devices whose backing file lies under ``root``."""
+    out = run(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE"], check=False).stdout
+    if not out.strip():
+        return []
+    prefix = str(root.resolve())
+    return [d["name"] for d in json.loads(out).get("loopdevices", [])
+            if (d.get("back-file") or "").startswith(prefix)]
+
+
+def detach_loop_devices_under(root: Path) -> None:
+    """Detach every loop device the lab made over its own files."""
+    for device in loop_devices_under(root):
+        run(["losetup", "--detach", device], check=False)
+

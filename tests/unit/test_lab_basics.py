@@ -1,0 +1,99 @@
+"""Lab building blocks that need no running service: errors, secrets, ports, env files."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from virtyard.lab import ports
+from virtyard.lab.cli import format_status, write_env_file
+from virtyard.lab.errors import CommandError, MissingPackageError, PortBusyError
+from virtyard.lab.iscsi_target import Chap
+from virtyard.lab.lab import LabConfig, check_prerequisites
+from virtyard.lab.process import mask, require, run
+
+
+def test_command_error_masks_secrets() -> None:
+    with pytest.raises(CommandError) as info:
+        run(["sh", "-c", "echo bad password hunter2 >&2; exit 3", "hunter2"],
+            secrets=("hunter2",))
+    text = str(info.value)
+    assert "hunter2" not in text
+    assert "***" in text
+    assert info.value.returncode == 3
+
+
+def test_mask_leaves_other_arguments() -> None:
+    assert mask(["tgtadm", "--password", "pw", "--user", "u"], ("pw", "")) == [
+        "tgtadm", "--password", "***", "--user", "u"]
+
+
+def test_chap_repr_hides_password() -> None:
+    assert "s3cret" not in repr(Chap("alice", "s3cret"))
+
+
+def test_require_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(MissingPackageError) as info:
+        require("tgtadm")
+    assert "apt-get install -y tgt" in str(info.value)
+    assert info.value.code == "missing-package"
+
+
+def test_check_prerequisites_names_every_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(MissingPackageError) as info:
+        check_prerequisites()
+    message = str(info.value)
+    for package in ("tgt", "libvirt-daemon", "qemu-system-x86", "libiscsi-bin"):
+        assert f"package {package}" in message
+    assert "apt-get install -y tgt" in message
+
+
+def test_busy_port_is_named() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert not ports.port_is_free(port)
+        with pytest.raises(PortBusyError) as info:
+            ports.ensure_free(port, "test portal")
+    assert str(port) in str(info.value) and "test portal" in str(info.value)
+    assert ports.port_is_free(port)
+
+
+def test_env_file_merges_and_quotes(tmp_path: Path) -> None:
+    env = tmp_path / "demo.env"
+    env.write_text("OTHER='kept'\nVIRTYARD_ISCSI_PORTAL='old'\n")
+    write_env_file(env, {"VIRTYARD_ISCSI_PORTAL": "127.0.0.1:13260",
+                         "VIRTYARD_LIBVIRT_URIS": "a b", "Q": "it's"})
+    lines = env.read_text().splitlines()
+    assert "OTHER='kept'" in lines
+    assert "VIRTYARD_ISCSI_PORTAL='127.0.0.1:13260'" in lines
+    assert "VIRTYARD_LIBVIRT_URIS='a b'" in lines
+    assert "Q='it'\\''s'" in lines
+
+
+def test_demo_and_test_labs_use_distinct_ports(tmp_path: Path) -> None:
+    demo = set(p for p, _ in LabConfig.demo(tmp_path / "a").all_ports())
+    test = set(p for p, _ in LabConfig.test(tmp_path / "b").all_ports())
+    assert demo and test and not demo & test
+    assert LabConfig.demo(tmp_path).tgt_control_port != LabConfig.test(tmp_path).tgt_control_port
+
+
+def test_config_round_trips_through_json(tmp_path: Path) -> None:
+    config = LabConfig.test(tmp_path)
+    assert LabConfig.from_json(config.to_json()) == config
+
+
+def test_format_status_names_portal_and_hosts() -> None:
+    text = format_status({
+        "state_dir": "/x", "accelerator": "tcg",
+        "iscsi": {"portal": "127.0.0.1:1", "pid": 5, "running": True,
+                  "targets": [{"iqn": "iqn.x:t", "luns": [1]}]},
+        "hosts": [{"name": "host1", "uri": "qemu:///system?socket=/s", "running": True,
+                   "pid": 7, "migration_uri": "qemu+tcp://127.0.0.1:2/system", "domains": []}],
+    })
+    assert "127.0.0.1:1" in text and "iqn.x:t" in text and "qemu:///system?socket=/s" in text
