@@ -1,4 +1,4 @@
-"""Typed lab errors, each with a stable code, so the CLI prints one clear line and exits non-zero."""
+"""Typed lab errors with stable codes: the CLI prints one clear line and exits non-zero."""
 
 from __future__ import annotations
 

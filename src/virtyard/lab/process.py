@@ -93,10 +93,11 @@ def mask(argv: list[str], secrets: tuple[str, ...]) -> list[str]:
     """``argv`` with every secret replaced by ``***``, fit for logs and error messages."""
     masked = []
     for arg in argv:
+        text = arg
         for secret in secrets:
             if secret:
-                arg = arg.replace(secret, "***")
-        masked.append(arg)
+                text = text.replace(secret, "***")
+        masked.append(text)
     return masked
 
 
