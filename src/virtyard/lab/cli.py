@@ -21,6 +21,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="port set: 'demo' or 'test' (both can run at once)")
     up.add_argument("--hosts", type=int, default=2, help="number of hypervisor hosts")
     up.add_argument("--env-file", type=Path, help="also write the lab as KEY=value lines here")
+    up.add_argument("--port-base", type=int,
+                    help="use ports from here instead of the profile's (a third lab, say)")
     sub.add_parser("down", help="stop everything and remove the state directory")
     status = sub.add_parser("status", help="print what runs, where, and how to reach it")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -67,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             config_of = LabConfig.demo if args.profile == "demo" else LabConfig.test
             config = config_of(args.state_dir)
             config = LabConfig(**{**config.__dict__, "host_count": args.hosts})
+            if args.port_base:
+                config = config.with_port_base(args.port_base)
             lab = Lab.load(args.state_dir) or Lab(config)
             status = lab.up()
             if args.env_file:

@@ -803,7 +803,17 @@ def build_guest_image(cache_dir: Path, *, flavour: str = "tiny") -> GuestImage:
 
     Builds in a temporary directory inside ``cache_dir`` and renames it into place, so a failed
     or interrupted build leaves no half image behind and concurrent builders do not collide.
+    Every failure is one :class:`GuestBuildError` saying what went wrong.
     """
+    try:
+        return _build_guest_image(cache_dir, flavour)
+    except OSError as exc:
+        raise GuestBuildError(f"cannot build the guest image in {cache_dir}: {exc}") from exc
+    except CommandError as exc:
+        raise GuestBuildError(f"building the guest image failed: {exc.message}") from exc
+
+
+def _build_guest_image(cache_dir: Path, flavour: str) -> GuestImage:
     recipe = FLAVOURS.get(flavour)
     if recipe is None:
         raise GuestBuildError(f"unknown guest flavour {flavour!r}; known: {', '.join(FLAVOURS)}")

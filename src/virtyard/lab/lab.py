@@ -13,7 +13,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,13 @@ class LabConfig:
         """The lab the test suite runs: its own directory and ports, so both can run at once."""
         return cls(state_dir, iscsi_port=23260, tgt_control_port=2326,
                    libvirt_base_port=26610, migration_base_port=49400)
+
+    def with_port_base(self, base: int) -> LabConfig:
+        """The same lab on ports from ``base`` on (iSCSI, libvirtd, migration ranges)."""
+        if not 1024 <= base <= 60000:
+            raise LabError(f"port base {base} must be between 1024 and 60000")
+        return replace(self, iscsi_port=base, tgt_control_port=base % 10000,
+                       libvirt_base_port=base + 10, migration_base_port=base + 100)
 
     def to_json(self) -> dict[str, Any]:
         raw = asdict(self)
@@ -163,15 +170,19 @@ class Lab:
                 ports.ensure_free(port, purpose)
 
     def _accelerator(self, image: GuestImage) -> str:
-        """KVM only where a guest really boots with it; probed once per kernel and kept."""
-        cached = self._load().get("accelerator_probe", {})
-        if cached.get("kernel_version") == image.kernel_version and cached.get("kvm_exists") == \
-                os.path.exists("/dev/kvm"):
-            return str(cached["accelerator"])
+        """KVM only where a guest really boots with it; probed once per kernel and machine
+        (kept beside the guest image cache, so every lab on this machine shares the answer)."""
+        probe_file = self.cache_dir / "accelerator.json"
+        key = {"kernel_version": image.kernel_version, "kvm_exists": os.path.exists("/dev/kvm"),
+               "boot_id": _boot_id()}
+        try:
+            cached = json.loads(probe_file.read_text())
+            if cached.get("key") == key:
+                return str(cached["accelerator"])
+        except (OSError, ValueError):
+            pass
         accelerator = detect_accelerator(image, self.state_dir, timeout=20.0)
-        self._save({"accelerator_probe": {"kernel_version": image.kernel_version,
-                                          "kvm_exists": os.path.exists("/dev/kvm"),
-                                          "accelerator": accelerator}})
+        probe_file.write_text(json.dumps({"key": key, "accelerator": accelerator}))
         return accelerator
 
     # -- down -----------------------------------------------------------------------------
@@ -238,6 +249,14 @@ class Lab:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=1))
         tmp.replace(path)
+
+
+def _boot_id() -> str:
+    """Changes at every boot of the machine: a KVM answer is not kept across reboots."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
 
 
 def leftovers(state_dir: Path) -> list[str]:

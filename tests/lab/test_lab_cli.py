@@ -1,0 +1,128 @@
+"""`virtyard-lab` as a person uses it: clear errors with non-zero exits, and a `down` that leaves
+nothing behind (no process, mount, loop device or file)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from virtyard.lab import qga
+from virtyard.lab.guest_vm import tiny_guest_xml
+from virtyard.lab.iscsi_target import Chap
+from virtyard.lab.lab import Lab, LabConfig, leftovers, loop_devices_under
+from virtyard.lab.process import run
+
+pytestmark = pytest.mark.lab
+
+LAB_CLI = [sys.executable, "-m", "virtyard.lab.cli"]
+PORT_BASE = 41000  # a third lab's ports: neither the demo's nor the tests'
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*LAB_CLI, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})}, check=False)
+
+
+def test_missing_package_is_named_and_nothing_is_created(tmp_path: Path) -> None:
+    state = tmp_path / "lab"
+    result = _cli("--state-dir", str(state), "up", env={"PATH": "/nonexistent"})
+    assert result.returncode == 1
+    assert "missing-package" in result.stderr
+    assert "apt-get install -y tgt" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not state.exists()
+
+
+def test_busy_port_is_named_and_nothing_is_started(lab: Lab, tmp_path: Path) -> None:
+    # The session's test lab holds the test profile's ports: a second lab on them must refuse.
+    state = tmp_path / "lab"
+    result = _cli("--state-dir", str(state), "up", "--profile", "test")
+    assert result.returncode == 1
+    assert f"port {lab.config.iscsi_port}" in result.stderr
+    assert "port-busy" in result.stderr
+    assert not state.exists()
+    assert lab.storage.is_running()
+
+
+def test_failed_guest_build_is_one_clear_error(tmp_path: Path) -> None:
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    fake_apt = fake_bin / "apt-get"
+    fake_apt.write_text("#!/bin/sh\necho 'E: Unable to locate package' >&2\nexit 100\n")
+    fake_apt.chmod(0o755)
+    state = tmp_path / "lab"
+    result = _cli("--state-dir", str(state), "up", "--port-base", str(PORT_BASE),
+                  env={"PATH": f"{fake_bin}:{os.environ['PATH']}",
+                       "VIRTYARD_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 1
+    assert "guest-build-failed" in result.stderr
+    assert "apt-get update" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not state.exists()
+    assert not list((tmp_path / "cache" / "guest").glob(".build-*"))
+
+
+@pytest.fixture
+def third_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    state = Path(f"/tmp/vy-third-{uuid.uuid4().hex[:6]}")
+    the_lab = Lab(LabConfig.test(state).with_port_base(PORT_BASE))
+    the_lab = Lab(LabConfig(**{**the_lab.config.__dict__, "host_count": 1}))
+    try:
+        yield the_lab
+    finally:
+        the_lab.down()
+
+
+def test_down_leaves_nothing_behind(third_lab: Lab) -> None:
+    lab = third_lab
+    status = _cli("--state-dir", str(lab.state_dir), "up", "--hosts", "1",
+                  "--port-base", str(PORT_BASE))
+    assert status.returncode == 0, status.stderr
+    assert f"127.0.0.1:{PORT_BASE}" in status.stdout
+    lab = Lab.load(lab.state_dir)  # type: ignore[assignment]
+    assert lab is not None and lab.storage.is_running()
+
+    # Use every kind of resource the lab can hold: a CHAP target, a guest with the LUN
+    # attached over iSCSI, and a loop device over a file in the lab's directory.
+    target = lab.storage.create_target("leftover", [16 << 20], chap=Chap("u1", "pw-" + "x" * 8))
+    conn = libvirt.open(lab.hosts[0].uri)
+    dom = conn.defineXML(tiny_guest_xml("leftover", str(uuid.uuid4()), lab.guest_image,
+                                        accelerator=lab.accelerator,
+                                        console_log=lab.console_dir / "leftover.log"))
+    dom.create()
+    qga.wait_ready(dom)
+    conn.close()
+    image = lab.state_dir / "loop.img"
+    image.write_bytes(b"\0" * (1 << 20))
+    run(["losetup", "-f", "--show", str(image)])
+    assert loop_devices_under(lab.state_dir)
+    assert target.iqn
+
+    down = _cli("--state-dir", str(lab.state_dir), "down")
+    assert down.returncode == 0, down.stderr
+    assert leftovers(lab.state_dir) == []
+    assert not lab.storage.is_running()
+    assert not lab.state_dir.exists()
+    # Down twice is fine.
+    assert _cli("--state-dir", str(lab.state_dir), "down").returncode == 0
+
+
+def test_status_of_a_missing_lab(tmp_path: Path) -> None:
+    result = _cli("--state-dir", str(tmp_path / "none"), "status")
+    assert result.returncode == 3
+    assert "no lab" in result.stderr
+
+
+def test_status_shows_the_session_lab(lab: Lab) -> None:
+    result = _cli("--state-dir", str(lab.state_dir), "status")
+    assert result.returncode == 0
+    assert lab.storage.portal in result.stdout
+    for host in lab.hosts:
+        assert host.uri in result.stdout
