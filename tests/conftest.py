@@ -19,10 +19,12 @@ import re
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import libvirt
 import pytest
 
+from virtyard.host.client import ClientTls, HostClient
 from virtyard.lab import qga
 from virtyard.lab.guest_vm import tiny_guest_xml
 from virtyard.lab.iscsi_target import Chap, TargetInfo
@@ -120,3 +122,37 @@ def make_guest(lab: Lab, request: pytest.FixtureRequest
             if dom.isPersistent():
                 dom.undefine()
         conn.close()
+
+
+@pytest.fixture
+def host_client(lab: Lab) -> Iterator[HostClient]:
+    """A mutual-TLS JSON-RPC client to lab host 1's agent (the engine's certificate)."""
+    with agent_client(lab, 0) as client:
+        yield client
+
+
+def agent_client(lab: Lab, index: int) -> HostClient:
+    tls = ClientTls(lab.pki.client.cert, lab.pki.client.key, lab.pki.ca.cert)
+    return HostClient(lab.agents[index].address, tls)
+
+
+@pytest.fixture
+def connect_target(host_client: HostClient) -> Iterator[Callable[..., list[dict[str, Any]]]]:
+    """Factory: connectStorageServer for a target (optionally with CHAP); disconnected after."""
+    made: list[dict[str, Any]] = []
+
+    def connect(target: TargetInfo, *, user: str = "", password: str = "",
+                conn_id: str | None = None, client: HostClient | None = None
+                ) -> list[dict[str, Any]]:
+        params = {"id": conn_id or str(uuid.uuid4()), "connection": target.address,
+                  "port": target.port, "iqn": target.iqn, "user": user, "password": password}
+        made.append(params)
+        result: list[dict[str, Any]] = (client or host_client).call(
+            "StoragePool.connectStorageServer",
+            {"domainType": 3, "connectionParams": [params]})
+        return result
+
+    yield connect
+    for params in made:
+        host_client.call("StoragePool.disconnectStorageServer",
+                         {"domainType": 3, "connectionParams": [params]})

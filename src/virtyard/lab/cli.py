@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from virtyard.lab.errors import LabError
+from virtyard.lab.iscsi_target import Chap
 from virtyard.lab.lab import Lab, LabConfig
 
 
@@ -24,9 +25,53 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--port-base", type=int,
                     help="use ports from here instead of the profile's (a third lab, say)")
     sub.add_parser("down", help="stop everything and remove the state directory")
+    target = sub.add_parser("target", help="add or remove an iSCSI target of the lab")
+    target_sub = target.add_subparsers(dest="target_command", required=True)
+    add = target_sub.add_parser("add", help="a target with one LUN per size (e.g. 1G 512M)")
+    add.add_argument("name")
+    add.add_argument("sizes", nargs="+", type=parse_size)
+    add.add_argument("--chap-user")
+    add.add_argument("--chap-password-file", type=Path,
+                     help="file holding the CHAP password (never on the command line)")
+    add.add_argument("--exist-ok", action="store_true", help="no error if it exists")
+    remove = target_sub.add_parser("remove", help="remove a target and its LUN files")
+    remove.add_argument("name")
     status = sub.add_parser("status", help="print what runs, where, and how to reach it")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
+
+
+def parse_size(text: str) -> int:
+    """``"512M"`` -> bytes (K, M, G, T suffixes; binary units)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    number, unit = (text[:-1], text[-1].upper()) if text[-1:].isalpha() else (text, "")
+    if unit and unit not in units:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: use K, M, G or T")
+    try:
+        value = int(number) * units.get(unit, 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return value
+
+
+def _target_command(lab: Lab, args: argparse.Namespace) -> None:
+    if args.target_command == "remove":
+        lab.storage.delete_target(args.name)
+        print(f"target {args.name} removed")
+        return
+    if args.exist_ok and any(t.iqn.endswith(f":{args.name}") for t in lab.storage.targets()):
+        print(f"target {args.name} exists")
+        return
+    chap = None
+    if args.chap_user:
+        if not args.chap_password_file:
+            raise LabError("--chap-user needs --chap-password-file")
+        chap = Chap(args.chap_user, args.chap_password_file.read_text().strip())
+    info = lab.storage.create_target(args.name, args.sizes, chap=chap)
+    print(f"target {info.iqn} at {info.portal}: LUNs "
+          + ", ".join(f"{lun.lun} ({lun.size} bytes)" for lun in info.luns))
 
 
 def format_status(status: dict[str, object]) -> str:
@@ -46,6 +91,10 @@ def format_status(status: dict[str, object]) -> str:
         lines.append(f"host {host['name']}: {host['uri']} "
                      f"({'running' if host['running'] else 'stopped'}, pid {host['pid'] or '-'}; "
                      f"migration {host['migration_uri']}; domains {host.get('domains', [])})")
+    for agent in status.get("agents", []):  # type: ignore[attr-defined]
+        lines.append(f"agent {agent['name']}: https://{agent['address']}/jsonrpc "
+                     f"({'running' if agent['running'] else 'stopped'}, pid {agent['pid'] or '-'};"
+                     f" log {agent['log']})")
     return "\n".join(lines)
 
 
@@ -76,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.env_file:
                 write_env_file(args.env_file, lab.env())
             print(format_status(status))
+        elif args.command == "target":
+            running = Lab.load(args.state_dir)
+            if running is None or not running.storage.is_running():
+                raise LabError(f"no lab runs in {args.state_dir}: run 'virtyard-lab up' first")
+            _target_command(running, args)
         elif args.command == "down":
             existing = Lab.load(args.state_dir)
             if existing is not None:

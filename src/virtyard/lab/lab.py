@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from virtyard.lab import ports
+from virtyard.lab.agents import AgentProcess, LabPki
 from virtyard.lab.errors import LabError, MissingPackageError
 from virtyard.lab.guest_image import GuestImage, build_guest_image
 from virtyard.lab.hypervisor import HypervisorHost
@@ -47,6 +48,7 @@ class LabConfig:
     tgt_control_port: int
     libvirt_base_port: int
     migration_base_port: int
+    agent_base_port: int
     host_count: int = 2
     cache_dir: Path | None = None
 
@@ -54,20 +56,21 @@ class LabConfig:
     def demo(cls, state_dir: Path) -> LabConfig:
         """The lab ``make demo`` runs."""
         return cls(state_dir, iscsi_port=13260, tgt_control_port=1326,
-                   libvirt_base_port=16610, migration_base_port=49200)
+                   libvirt_base_port=16610, migration_base_port=49200, agent_base_port=15430)
 
     @classmethod
     def test(cls, state_dir: Path) -> LabConfig:
         """The lab the test suite runs: its own directory and ports, so both can run at once."""
         return cls(state_dir, iscsi_port=23260, tgt_control_port=2326,
-                   libvirt_base_port=26610, migration_base_port=49400)
+                   libvirt_base_port=26610, migration_base_port=49400, agent_base_port=25430)
 
     def with_port_base(self, base: int) -> LabConfig:
         """The same lab on ports from ``base`` on (iSCSI, libvirtd, migration ranges)."""
         if not 1024 <= base <= 60000:
             raise LabError(f"port base {base} must be between 1024 and 60000")
         return replace(self, iscsi_port=base, tgt_control_port=base % 10000,
-                       libvirt_base_port=base + 10, migration_base_port=base + 100)
+                       libvirt_base_port=base + 10, migration_base_port=base + 100,
+                       agent_base_port=base + 50)
 
     def to_json(self) -> dict[str, Any]:
         raw = asdict(self)
@@ -85,6 +88,7 @@ class LabConfig:
         yield self.iscsi_port, "iSCSI portal (tgtd)"
         for i in range(self.host_count):
             yield self.libvirt_base_port + i, f"libvirtd of host{i + 1}"
+            yield self.agent_base_port + i, f"host agent of host{i + 1}"
 
 
 class Lab:
@@ -96,6 +100,10 @@ class Lab:
         self.storage = TargetServer(self.state_dir / "iscsi", config.iscsi_port,
                                     config.tgt_control_port)
         self.hosts = [self._host(i) for i in range(config.host_count)]
+        self.pki = LabPki(self.state_dir / "pki")
+        self.agents = [
+            AgentProcess(h.name, h.root / "agent", config.agent_base_port + i, h.uri, self.pki)
+            for i, h in enumerate(self.hosts)]
 
     @classmethod
     def load(cls, state_dir: Path) -> Lab | None:
@@ -131,7 +139,7 @@ class Lab:
         check_prerequisites()
         self._check_ports()
         fresh = not self.storage.is_running() and not any(h.is_running() for h in self.hosts)
-        started: list[HypervisorHost | TargetServer] = []
+        started: list[HypervisorHost | TargetServer | AgentProcess] = []
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             self.console_dir.mkdir(exist_ok=True)
@@ -154,6 +162,11 @@ class Lab:
                         errors.append(exc)
                 if errors:
                     raise errors[0]
+            self.pki.ensure()
+            for agent in self.agents:
+                if not agent.is_running():
+                    agent.start()
+                    started.append(agent)
         except BaseException:
             for part in reversed(started):
                 part.stop()
@@ -165,6 +178,7 @@ class Lab:
     def _check_ports(self) -> None:
         running = {self.config.iscsi_port} if self.storage.is_running() else set()
         running |= {h.tcp_port for h in self.hosts if h.is_running()}
+        running |= {a.port for a in self.agents if a.is_running()}
         for port, purpose in self.config.all_ports():
             if port not in running:
                 ports.ensure_free(port, purpose)
@@ -190,7 +204,8 @@ class Lab:
     def down(self) -> None:
         """Stop everything and remove the state directory; safe to run twice."""
         errors: list[LabError] = []
-        parts: list[HypervisorHost | TargetServer] = [*self.hosts, self.storage]
+        parts: list[HypervisorHost | TargetServer | AgentProcess] = [
+            *self.agents, *self.hosts, self.storage]
         for part in parts:
             try:
                 part.stop()
@@ -225,6 +240,7 @@ class Lab:
             "guest": {"kernel": state.get("kernel"), "initrd": state.get("initrd")},
             "iscsi": self.storage.status(),
             "hosts": [h.status() for h in self.hosts],
+            "agents": [a.status() for a in self.agents],
         }
 
     def env(self) -> dict[str, str]:
@@ -232,6 +248,10 @@ class Lab:
         return {
             "VIRTYARD_ISCSI_PORTAL": self.storage.portal,
             "VIRTYARD_LIBVIRT_URIS": " ".join(h.uri for h in self.hosts),
+            "VIRTYARD_HOSTS": " ".join(a.address for a in self.agents),
+            "VIRTYARD_HOST_CERT": str(self.pki.client.cert),
+            "VIRTYARD_HOST_KEY": str(self.pki.client.key),
+            "VIRTYARD_HOST_CA": str(self.pki.ca.cert),
         }
 
     def _load(self) -> dict[str, Any]:

@@ -79,8 +79,9 @@ def run(
             env=env,
             check=False,
         )
-    except subprocess.TimeoutExpired as exc:
-        raise CommandError(mask(argv, secrets), -1, f"timed out after {timeout:g} s") from exc
+    except subprocess.TimeoutExpired:
+        # from None: the original exception carries the unmasked argv (passwords)
+        raise CommandError(mask(argv, secrets), -1, f"timed out after {timeout:g} s") from None
     if check and proc.returncode != 0:
         output = proc.stderr or proc.stdout
         for secret in secrets:

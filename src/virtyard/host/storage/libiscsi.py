@@ -13,6 +13,9 @@ What it offers:
 * :func:`probe_luns` — the fast path: every command for every LUN is queued at once with
   libiscsi's asynchronous API and the replies are collected as they come (one session, one
   login, no per-command round trip), because listing hundreds of LUNs must take milliseconds.
+* :func:`read_ranges` — the same for many byte ranges of many LUNs (signature probing past the
+  first bytes); a range that fails is reported with its own error
+  (:class:`IscsiPartialReadError`) without losing the others.
 
 Every wait is bounded by our own deadline (libiscsi's synchronous calls can block forever on an
 unreachable portal), automatic reconnection is turned off (libiscsi would otherwise retry a lost
@@ -33,7 +36,7 @@ import re
 import select
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -57,6 +60,7 @@ _STATUS_REDIRECT: Final = 0x101
 _STATUS_CANCELLED: Final = 0x0F000000
 _STATUS_ERROR: Final = 0x0F000001
 _STATUS_TIMEOUT: Final = 0x0F000002
+_SESSION_STATUSES: Final = (_STATUS_CANCELLED, _STATUS_ERROR, _STATUS_TIMEOUT)  # libiscsi's own
 _SENSE_UNIT_ATTENTION: Final = 0x06
 _SENSE_ILLEGAL_REQUEST: Final = 0x05
 
@@ -171,6 +175,36 @@ class ScsiCheckConditionError(IscsiError):
     def illegal_request(self) -> bool:
         """ILLEGAL REQUEST: the LU does not support this command or page (not a fault)."""
         return self.sense_key == _SENSE_ILLEGAL_REQUEST
+
+
+ByteRange = tuple[int, int, int]
+"""``(lun, byte offset, length)``: one range of :func:`read_ranges`."""
+
+
+class IscsiPartialReadError(IscsiError):
+    """:func:`read_ranges` could not read some ranges; the others were read.
+
+    ``results`` holds every range that was read, exactly as :func:`read_ranges` would have
+    returned it. ``failures`` maps each range that was not to its own error: typically a
+    :class:`ScsiCheckConditionError` (a medium error, a LUN that is not there or does not
+    answer READ CAPACITY). ``session_error`` is set when the session itself is in trouble: the
+    connection was lost, ``timeout`` passed, or libiscsi cancelled or timed out a command (an
+    :class:`IscsiSessionError` or :class:`IscsiTimeoutError`, also the error of every range
+    still unanswered then); the session should then be closed. ``kind`` is the session error's
+    kind, else the first failed range's, so callers mapping kinds to error codes need no
+    special case.
+    """
+
+    def __init__(self, results: dict[ByteRange, bytes], failures: dict[ByteRange, IscsiError],
+                 session_error: IscsiError | None = None, *, portal: str = "",
+                 target: str = "") -> None:
+        first = session_error or failures[min(failures)]
+        super().__init__(f"{len(failures)} of {len(results) + len(failures)} ranges not read",
+                         detail=first.message, portal=portal, target=target)
+        self.kind = first.kind
+        self.results = results
+        self.failures = failures
+        self.session_error = session_error
 
 
 # Login status (class << 8 | detail) in libiscsi's "Failed to log in to target. Status: X(N)".
@@ -1014,25 +1048,16 @@ def _full_length(data: bytes, page: int | None) -> int:
     return scsi.vpd_page_length(data) if len(data) >= 4 else len(data)
 
 
-class _Probe:
-    """State of one :func:`probe_luns` run: what each completed command triggers next."""
+class _Pipeline:
+    """Commands queued together on one context, each with a continuation for its completion.
 
-    def __init__(self, context: _Context, luns: Iterable[int], *, vpd_pages: Sequence[int],
-                 read_bytes: int) -> None:
+    Completions of commands queued by an earlier pipeline on the same session (one that failed
+    and was abandoned) are dropped by ``owner``; unit attentions and busy statuses are retried.
+    """
+
+    def __init__(self, context: _Context) -> None:
         self.context = context
-        self.read_bytes = read_bytes
-        self.results = {lun: LunProbe(lun) for lun in luns}
         self.pending = 0
-        for lun in self.results:
-            wire = scsi.encode_lun(lun)
-            self._submit("inquiry", lun, context.q_inquiry(wire, None, _INQUIRY_ALLOC),
-                         self._inquiry_done(lun, None, _INQUIRY_ALLOC))
-            for page in vpd_pages:
-                self._submit(f"inquiry vpd 0x{page:02x}", lun,
-                             context.q_inquiry(wire, page, _INQUIRY_ALLOC),
-                             self._inquiry_done(lun, page, _INQUIRY_ALLOC))
-            self._submit("read capacity(16)", lun, context.q_readcapacity16(wire),
-                         self._capacity_done)
 
     def _submit(self, name: str, lun: int, queue: Callable[[int], int | None],
                 on_done: Callable[[_Op], None]) -> None:
@@ -1050,6 +1075,34 @@ class _Probe:
             return
         if op.on_done is not None:
             op.on_done(op)
+
+    def run(self, deadline: float, what: str) -> None:
+        """Drive the session until every command (and every follow-up) has completed."""
+        context = self.context
+        while self.pending:
+            context._wait(lambda: bool(context._completed), deadline, what)
+            for op in context.drain():
+                self.finish(op)
+
+
+class _Probe(_Pipeline):
+    """State of one :func:`probe_luns` run: what each completed command triggers next."""
+
+    def __init__(self, context: _Context, luns: Iterable[int], *, vpd_pages: Sequence[int],
+                 read_bytes: int) -> None:
+        super().__init__(context)
+        self.read_bytes = read_bytes
+        self.results = {lun: LunProbe(lun) for lun in luns}
+        for lun in self.results:
+            wire = scsi.encode_lun(lun)
+            self._submit("inquiry", lun, context.q_inquiry(wire, None, _INQUIRY_ALLOC),
+                         self._inquiry_done(lun, None, _INQUIRY_ALLOC))
+            for page in vpd_pages:
+                self._submit(f"inquiry vpd 0x{page:02x}", lun,
+                             context.q_inquiry(wire, page, _INQUIRY_ALLOC),
+                             self._inquiry_done(lun, page, _INQUIRY_ALLOC))
+            self._submit("read capacity(16)", lun, context.q_readcapacity16(wire),
+                         self._capacity_done)
 
     def _failed(self, op: _Op) -> bool:
         error = self.context.check(op)
@@ -1129,10 +1182,166 @@ def probe_luns(session: Session, luns: Iterable[int], *, vpd: bool = True,
     probe = _Probe(context, luns, vpd_pages=tuple(vpd_pages) if vpd else (),
                    read_bytes=read_bytes)
     try:
-        while probe.pending:
-            context._wait(lambda: bool(context._completed), deadline, "probing LUNs")
-            for op in context.drain():
-                probe.finish(op)
+        probe.run(deadline, "probing LUNs")
     finally:
         context.set_pdu_timeout(session.timeout)
     return probe.results
+
+
+@dataclass(slots=True)
+class _PendingRange:
+    """One range of :func:`read_ranges` whose READs (one per 1 MiB chunk) are in flight."""
+
+    key: ByteRange
+    skip: int  # bytes of the first block before the range's offset
+    length: int  # bytes wanted, after clipping at the end of the LU
+    parts: list[bytes]  # each chunk's data, in order, as they come
+    left: int  # READs still in flight
+    cut: int  # chunks usable: those before and including the first the target answered short
+
+
+class _RangeReads(_Pipeline):
+    """State of one :func:`read_ranges` run: READ CAPACITY where needed, then the READs."""
+
+    def __init__(self, context: _Context, capacities: Mapping[int, scsi.Capacity]) -> None:
+        super().__init__(context)
+        self.capacities = dict(capacities)
+        self.results: dict[ByteRange, bytes] = {}
+        self.failures: dict[ByteRange, IscsiError] = {}
+        self.session_error: IscsiError | None = None
+
+    def _fail(self, op: _Op, error: IscsiError, keys: Iterable[ByteRange]) -> None:
+        for key in keys:
+            self.failures[key] = error
+        if op.status in _SESSION_STATUSES and self.session_error is None:
+            self.session_error = error  # cancelled or timed out: the session is in trouble
+
+    def start(self, by_lun: Mapping[int, list[ByteRange]]) -> None:
+        for lun, keys in by_lun.items():
+            capacity = self.capacities.get(lun)
+            if capacity is not None:
+                self._queue_reads(lun, capacity, keys)
+            else:
+                self._submit("read capacity(16)", lun,
+                             self.context.q_readcapacity16(scsi.encode_lun(lun)),
+                             self._capacity_done(keys))
+
+    def _capacity_done(self, keys: list[ByteRange]) -> Callable[[_Op], None]:
+        def done(op: _Op) -> None:
+            error = self.context.check(op)
+            if error is None:
+                try:
+                    capacity = (scsi.parse_read_capacity16(op.data)
+                                if op.name == "read capacity(16)"
+                                else scsi.parse_read_capacity10(op.data))
+                except scsi.ScsiParseError as e:
+                    error = IscsiSessionError(f"{op.name} on LUN {op.lun}: {e}",
+                                              portal=self.context.portal,
+                                              target=self.context.target)
+                else:
+                    self._queue_reads(op.lun, capacity, keys)
+                    return
+            if op.name == "read capacity(16)" and isinstance(error, ScsiCheckConditionError) \
+                    and error.illegal_request:
+                self._submit("read capacity(10)", op.lun,
+                             self.context.q_readcapacity10(scsi.encode_lun(op.lun)), done)
+                return
+            self._fail(op, error, keys)
+
+        return done
+
+    def _queue_reads(self, lun: int, capacity: scsi.Capacity, keys: list[ByteRange]) -> None:
+        block = capacity.logical_block_size
+        size = capacity.capacity_bytes
+        chunk_blocks = max(1, _MAX_READ_CHUNK // block)
+        wire = scsi.encode_lun(lun)
+        for key in keys:
+            _, offset, length = key
+            end = min(offset + length, size)
+            if offset >= end:
+                self.results[key] = b""  # wholly past the end of the LU
+                continue
+            first = offset // block
+            last = -(-end // block)
+            lbas = range(first, last, chunk_blocks)
+            state = _PendingRange(key, offset - first * block, end - offset,
+                                  [b""] * len(lbas), len(lbas), len(lbas))
+            for index, lba in enumerate(lbas):
+                chunk = min(chunk_blocks, last - lba) * block
+                self._submit("read", lun, self.context.q_read(wire, lba, chunk, block),
+                             self._read_done(state, index, chunk))
+
+    def _read_done(self, state: _PendingRange, index: int,
+                   chunk: int) -> Callable[[_Op], None]:
+        def done(op: _Op) -> None:
+            if state.key in self.failures:
+                return  # another chunk of this range already failed
+            error = self.context.check(op)
+            if error is not None:
+                self._fail(op, error, [state.key])
+                return
+            state.parts[index] = op.data
+            if len(op.data) < chunk:  # should not happen once clipped; the data ends there
+                state.cut = min(state.cut, index + 1)
+            state.left -= 1
+            if state.left == 0:
+                parts = state.parts[:state.cut]
+                data = b"".join(parts) if len(parts) > 1 else parts[0]
+                if state.skip or len(data) > state.length:
+                    data = data[state.skip:state.skip + state.length]
+                self.results[state.key] = data
+                state.parts = []
+
+        return done
+
+
+def read_ranges(session: Session, ranges: Sequence[ByteRange], *, timeout: float = 30.0,
+                capacities: Mapping[int, scsi.Capacity] | None = None,
+                ) -> dict[ByteRange, bytes]:
+    """Read many ``(lun, byte offset, length)`` ranges at once, pipelined on the one session.
+
+    Returns each range's bytes keyed by the range itself (duplicates are read once). Every
+    command is queued together, as in :func:`probe_luns`: a READ CAPACITY per LUN (for its block
+    size and end; skipped for the LUNs in ``capacities``, e.g. from an earlier listing), each
+    followed as soon as it answers by the READs of that LUN's ranges. A range not aligned to
+    the LU's logical block size is read as whole blocks and trimmed back; a range reaching past
+    the end of the LU is clipped there (one wholly past it reads as ``b""``); a range longer
+    than 1 MiB is read as several commands. Unit attentions and busy statuses are retried.
+
+    A range that cannot be read does not lose the others: when any failed, all the others are
+    still read and :class:`IscsiPartialReadError` is raised carrying both the ranges that were
+    read (``results``) and each failure with its own error (``failures``). That includes the
+    session failing or ``timeout`` passing (``session_error`` is then set, and the session should
+    be closed). Negative offsets or lengths raise :class:`ValueError` before anything is sent.
+    """
+    by_lun: dict[int, list[ByteRange]] = {}
+    empty: list[ByteRange] = []
+    for key in dict.fromkeys(ranges):
+        lun, offset, length = key
+        if offset < 0 or length < 0 or lun < 0:
+            raise ValueError(f"bad range {key}: LUN, offset and length must not be negative")
+        if length == 0:
+            empty.append(key)
+        else:
+            by_lun.setdefault(lun, []).append(key)
+    context = session._live()
+    deadline = time.monotonic() + timeout
+    reads = _RangeReads(context, capacities or {})
+    reads.results.update((key, b"") for key in empty)
+    context.set_pdu_timeout(timeout)
+    try:
+        reads.start(by_lun)
+        reads.run(deadline, "reading ranges")
+    except (IscsiTimeoutError, IscsiSessionError) as e:
+        reads.session_error = e
+        for keys in by_lun.values():
+            for key in keys:
+                if key not in reads.results and key not in reads.failures:
+                    reads.failures[key] = e
+    finally:
+        if not context.closed:
+            context.set_pdu_timeout(session.timeout)
+    if reads.failures:
+        raise IscsiPartialReadError(reads.results, reads.failures, reads.session_error,
+                                    portal=context.portal, target=context.target)
+    return reads.results

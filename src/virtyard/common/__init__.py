@@ -1,0 +1,1 @@
+"""Pieces the engine and the host agent share (certificates, …)."""

@@ -1,0 +1,88 @@
+"""The host agent's configuration: one TOML file, every setting with a sane default.
+
+Example (``/etc/virtyard/hostd.toml``)::
+
+    [server]
+    address = "0.0.0.0"
+    port = 54321
+    cert = "/etc/virtyard/pki/host.pem"
+    key = "/etc/virtyard/pki/host-key.pem"
+    ca = "/etc/virtyard/pki/ca.pem"
+
+    [storage]
+    initiator = "auto"            # auto | userspace | kernel
+    initiator_name = "iqn.2026-11.org.virtyard:host1"
+
+    [libvirt]
+    uri = "qemu:///system"
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerConfig(_Section):
+    address: str = "127.0.0.1"
+    port: int = Field(default=54321, ge=1, le=65535)
+    cert: Path = Path("/etc/virtyard/pki/host.pem")
+    key: Path = Path("/etc/virtyard/pki/host-key.pem")
+    ca: Path = Path("/etc/virtyard/pki/ca.pem")
+    workers: int = Field(default=32, ge=1, le=1024)
+
+
+class StorageConfig(_Section):
+    initiator: Literal["auto", "userspace", "kernel"] = "auto"
+    initiator_name: str = "iqn.2026-11.org.virtyard:host"
+    discovery_timeout: float = Field(default=10.0, gt=0)
+    login_timeout: float = Field(default=15.0, gt=0)
+    # First bytes of each LUN read for signature probing (LVM label and mda header, MBR/GPT,
+    # most filesystem superblocks); LVM metadata text further in is read only where needed.
+    probe_bytes: int = Field(default=8192, ge=512, le=1 << 20)
+
+
+class LibvirtConfig(_Section):
+    uri: str = "qemu:///system"
+
+
+class HostConfig(_Section):
+    """The whole agent configuration."""
+
+    name: str = "host"
+    state_dir: Path = Path("/var/lib/virtyard-hostd")
+    server: ServerConfig = ServerConfig()
+    storage: StorageConfig = StorageConfig()
+    libvirt: LibvirtConfig = LibvirtConfig()
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, not TOML, or has a bad setting (named)."""
+
+
+def load_config(path: Path) -> HostConfig:
+    """Read and validate ``path``; relative paths in it are taken from the file's folder."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        config = HostConfig.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"{path}: setting '{where}': {err['msg']}") from None
+    base = path.parent
+    server = config.server.model_copy(update={
+        "cert": base / config.server.cert, "key": base / config.server.key,
+        "ca": base / config.server.ca})
+    return config.model_copy(update={"server": server, "state_dir": base / config.state_dir})

@@ -1,0 +1,1 @@
+"""The host agent's JSON-RPC layer: verb schema, dispatch, errors."""

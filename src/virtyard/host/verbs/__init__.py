@@ -1,0 +1,6 @@
+"""The verbs the host agent serves, all registered on one schema (:data:`SCHEMA`)."""
+
+from virtyard.host.verbs import storage as _storage  # noqa: F401  (registers the verbs)
+from virtyard.host.verbs.registry import SCHEMA
+
+__all__ = ["SCHEMA"]

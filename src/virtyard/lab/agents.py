@@ -1,0 +1,118 @@
+"""Host agents for the lab's hosts: certificates from a lab CA, a TOML config, a daemon each.
+
+The lab plays the engine's part in enrolment: its CA signs each agent's certificate (valid for
+127.0.0.1) and one client certificate that the tests, the demo and ``virtyard-hostctl`` use.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from virtyard.common.pki import CertPair, create_ca, issue
+from virtyard.lab import ports
+from virtyard.lab.errors import ServiceStartError
+from virtyard.lab.process import read_pid, terminate, wait_until
+
+
+class LabPki:
+    """The lab's CA and the client certificate the engine side uses."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def ensure(self) -> None:
+        ca = create_ca(self.root, "Virtyard lab CA")
+        issue(ca, self.root, "engine", common_name="virtyard-engine", server=False, client=True)
+
+    @property
+    def ca(self) -> CertPair:
+        return CertPair(self.root / "ca.pem", self.root / "ca-key.pem")
+
+    @property
+    def client(self) -> CertPair:
+        return CertPair(self.root / "engine.pem", self.root / "engine-key.pem")
+
+    def host_cert(self, name: str) -> CertPair:
+        return issue(self.ca, self.root, name, common_name=name,
+                     addresses=(ports.LOOPBACK, "localhost"), server=True, client=True)
+
+
+class AgentProcess:
+    """One ``virtyard-hostd`` for one lab host."""
+
+    def __init__(self, name: str, root: Path, port: int, libvirt_uri: str, pki: LabPki) -> None:
+        self.name = name
+        self.root = root
+        self.port = port
+        self.libvirt_uri = libvirt_uri
+        self.pki = pki
+
+    @property
+    def address(self) -> str:
+        return f"{ports.LOOPBACK}:{self.port}"
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "hostd.toml"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.root / "hostd.pid"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "hostd.log"
+
+    def pid(self) -> int | None:
+        return read_pid(self.pidfile)
+
+    def is_running(self) -> bool:
+        return self.pid() is not None
+
+    def write_config(self, extra: str = "") -> None:
+        """The agent's TOML configuration (``extra`` is appended: fault injection, say)."""
+        cert = self.pki.host_cert(self.name)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(
+            f'name = "{self.name}"\n'
+            f'state_dir = "{self.root / "state"}"\n\n'
+            "[server]\n"
+            f'address = "{ports.LOOPBACK}"\nport = {self.port}\n'
+            f'cert = "{cert.cert}"\nkey = "{cert.key}"\nca = "{self.pki.ca.cert}"\n\n'
+            "[storage]\n"
+            f'initiator = "userspace"\n'
+            f'initiator_name = "iqn.2026-11.org.virtyard.lab:{self.name}"\n\n'
+            "[libvirt]\n"
+            f'uri = "{self.libvirt_uri}"\n' + extra)
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the agent (no-op when it runs) and wait until it accepts TLS connections."""
+        if self.is_running():
+            return
+        ports.ensure_free(self.port, f"host agent of {self.name}")
+        self.write_config()
+        with self.log_path.open("ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "virtyard.host.server", "--config", str(self.config_path)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True)
+        self.pidfile.write_text(str(proc.pid))
+        if not wait_until(lambda: proc.poll() is None and ports.port_is_listening(self.port),
+                          timeout=timeout):
+            terminate(proc.pid, grace=2)
+            self.pidfile.unlink(missing_ok=True)
+            tail = self.log_path.read_text(errors="replace").strip().splitlines()[-3:]
+            raise ServiceStartError(f"host agent {self.name} did not start on port {self.port}: "
+                                    + " | ".join(tail))
+
+    def stop(self) -> None:
+        pid = self.pid()
+        if pid is not None:
+            terminate(pid, grace=10)
+        self.pidfile.unlink(missing_ok=True)
+
+    def status(self) -> dict[str, object]:
+        return {"name": self.name, "address": self.address, "pid": self.pid(),
+                "running": self.is_running(), "log": str(self.log_path)}
