@@ -10,16 +10,20 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import libvirt
 import pytest
 
 from virtyard.common.pki import create_ca, issue
 from virtyard.host.client import ClientTls, HostCallError, HostClient, HostUnreachableError
+from virtyard.lab import qga
+from virtyard.lab.guest_vm import iscsi_disk_xml
 from virtyard.lab.iscsi_target import Chap, TargetInfo
 from virtyard.lab.lab import Lab
 from virtyard.lab.process import run
@@ -331,3 +335,24 @@ def test_hostctl_prints_json_and_one_line_errors(lab: Lab,
                          capture_output=True, text=True, env=env, timeout=60, check=False)
     assert bad.returncode == 1
     assert re.fullmatch(r"error 475 iSCSIDiscoveryError: .*\n", bad.stderr)
+
+
+def test_reported_wwid_is_what_a_guest_sees(lab: Lab, host_client: HostClient,
+                                            make_target: Callable[..., TargetInfo],
+                                            connect_target: Connect,
+                                            make_guest: Callable[..., Any]) -> None:
+    """A guest given the LUN as SCSI passthrough names it /dev/disk/by-id/scsi-<our GUID>."""
+    target = make_target([32 * MiB])
+    connect_target(target)
+    [device] = host_client.call("Host.getDeviceList",
+                                {"guids": [tgt_wwid(target, 1)], "checkStatus": False})
+    dom = make_guest(host=0)
+    dom.attachDeviceFlags(iscsi_disk_xml(portal_host=target.address, portal_port=target.port,
+                                         iqn=target.iqn, lun=1, target_dev="sdb", bus="scsi",
+                                         device="lun"), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    path = f"/dev/disk/by-id/scsi-{device['GUID']}"
+    deadline = time.monotonic() + 20
+    while qga.run(dom, f"test -b {path}").exitcode != 0:
+        assert time.monotonic() < deadline, f"{path} not in the guest: " + qga.check_output(
+            dom, "ls /dev/disk/by-id")
+        time.sleep(0.2)
