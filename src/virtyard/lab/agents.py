@@ -6,14 +6,12 @@ The lab plays the engine's part in enrolment: its CA signs each agent's certific
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 from virtyard.common.pki import CertPair, create_ca, issue
 from virtyard.lab import ports
-from virtyard.lab.errors import ServiceStartError
-from virtyard.lab.process import read_pid, terminate, wait_until
+from virtyard.lab.process import read_pid, start_daemon, terminate
 
 
 class LabPki:
@@ -93,19 +91,11 @@ class AgentProcess:
             return
         ports.ensure_free(self.port, f"host agent of {self.name}")
         self.write_config()
-        with self.log_path.open("ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "virtyard.host.server", "--config", str(self.config_path)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True)
-        self.pidfile.write_text(str(proc.pid))
-        if not wait_until(lambda: proc.poll() is None and ports.port_is_listening(self.port),
-                          timeout=timeout):
-            terminate(proc.pid, grace=2)
-            self.pidfile.unlink(missing_ok=True)
-            tail = self.log_path.read_text(errors="replace").strip().splitlines()[-3:]
-            raise ServiceStartError(f"host agent {self.name} did not start on port {self.port}: "
-                                    + " | ".join(tail))
+        start_daemon(
+            [sys.executable, "-m", "virtyard.host.server", "--config", str(self.config_path)],
+            pidfile=self.pidfile, log=self.log_path, timeout=timeout,
+            ready=lambda: ports.port_is_listening(self.port),
+            what=f"host agent {self.name} on port {self.port}")
 
     def stop(self) -> None:
         pid = self.pid()

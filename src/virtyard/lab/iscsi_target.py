@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from virtyard.lab import ports
-from virtyard.lab.errors import CommandError, LabError, ServiceStartError
-from virtyard.lab.process import read_pid, require, run, terminate, wait_until
+from virtyard.lab.errors import CommandError, LabError
+from virtyard.lab.process import read_pid, require, run, start_daemon, terminate, wait_until
 
 IQN_PREFIX = "iqn.2026-11.org.virtyard.lab"
 
@@ -199,22 +198,13 @@ class TargetServer:
             raise LabError(f"another tgtd already answers on control port {self.control_port}")
         self.root.mkdir(parents=True, exist_ok=True)
         self.lun_dir.mkdir(exist_ok=True)
-        log = self.root / "tgtd.log"
-        with log.open("ab") as out:
-            # -f keeps tgtd in the foreground so that our pid file names the real daemon.
-            proc = subprocess.Popen(
-                [tgtd, "-f", "-C", str(self.control_port),
-                 "--iscsi", f"portal={ports.LOOPBACK}:{self.port}"],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        self.pidfile.write_text(str(proc.pid))
-        if not wait_until(lambda: proc.poll() is None and ports.port_is_listening(self.port)
-                          and self.adm.ping(), timeout=timeout):
-            terminate(proc.pid, grace=2)
-            self.pidfile.unlink(missing_ok=True)
-            tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-            raise ServiceStartError(f"tgtd did not start on port {self.port}: {' | '.join(tail)}")
+        # -f keeps tgtd in the foreground so that our pid file names the real daemon.
+        start_daemon(
+            [tgtd, "-f", "-C", str(self.control_port),
+             "--iscsi", f"portal={ports.LOOPBACK}:{self.port}"],
+            pidfile=self.pidfile, log=self.root / "tgtd.log", timeout=timeout,
+            ready=lambda: ports.port_is_listening(self.port) and self.adm.ping(),
+            what=f"tgtd on port {self.port}")
         self._save(_ServerState())
 
     def stop(self) -> None:

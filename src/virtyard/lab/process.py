@@ -12,9 +12,10 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from virtyard.lab.errors import CommandError, MissingPackageError
+from virtyard.lab.errors import CommandError, MissingPackageError, ServiceStartError
 
 # Program -> Debian package that provides it; used to name the package in errors.
 PACKAGE_OF: dict[str, str] = {
@@ -142,9 +143,9 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
-def wait_until(predicate: object, *, timeout: float, interval: float = 0.05) -> bool:
+def wait_until(predicate: Callable[[], bool], *, timeout: float,
+               interval: float = 0.05) -> bool:
     """Poll ``predicate()`` until it is true or ``timeout`` seconds pass; return the last answer."""
-    assert callable(predicate)
     deadline = time.monotonic() + timeout
     while True:
         if predicate():
@@ -152,3 +153,20 @@ def wait_until(predicate: object, *, timeout: float, interval: float = 0.05) -> 
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval)
+
+
+def start_daemon(argv: list[str], *, pidfile: Path, log: Path, ready: Callable[[], bool],
+                 timeout: float, what: str) -> int:
+    """Start a foreground daemon in its own session, its pid in ``pidfile`` and its output in
+    ``log``; return its pid once ``ready()`` holds. On failure nothing is left running and
+    :class:`ServiceStartError` carries the log's last lines."""
+    with log.open("ab") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    pidfile.write_text(str(proc.pid))
+    if not wait_until(lambda: proc.poll() is None and ready(), timeout=timeout):
+        terminate(proc.pid, grace=2)
+        pidfile.unlink(missing_ok=True)
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+        raise ServiceStartError(f"{what} did not start: {' | '.join(tail) or 'no output'}")
+    return proc.pid

@@ -680,18 +680,15 @@ class Iscsiadm:
     def node_logout(self, portal: Portal, iqn: str, tpgt: int | None = None, *,
                     iface: str = DEFAULT_IFACE, timeout: float = DEFAULT_TIMEOUT) -> bool:
         """Log out of the node's sessions; ``False`` when there was none."""
-        args = [*self._node(portal, iqn, tpgt, iface), "-u"]
-        result = self._run(args, timeout=timeout)
-        if result.returncode == 0:
-            return True
-        if result.returncode == ExitCode.ISCSI_ERR_NO_OBJS_FOUND:
-            return False
-        raise classify([self.program, *args], result.returncode, result.stderr, result.stdout)
+        return self._node_op([*self._node(portal, iqn, tpgt, iface), "-u"], timeout)
 
     def node_delete(self, portal: Portal, iqn: str, tpgt: int | None = None, *,
                     iface: str = DEFAULT_IFACE, timeout: float = DEFAULT_TIMEOUT) -> bool:
         """Delete the node record; ``False`` when there was none."""
-        args = [*self._node(portal, iqn, tpgt, iface), "--op=delete"]
+        return self._node_op([*self._node(portal, iqn, tpgt, iface), "--op=delete"], timeout)
+
+    def _node_op(self, args: list[str], timeout: float) -> bool:
+        """Run a node operation: ``True`` done, ``False`` nothing to do, else a typed error."""
         result = self._run(args, timeout=timeout)
         if result.returncode == 0:
             return True
