@@ -22,6 +22,7 @@ import pytest
 
 from virtyard.common.pki import create_ca, issue
 from virtyard.host.client import ClientTls, HostCallError, HostClient, HostUnreachableError
+from virtyard.host.storage.domain_tags import DOMAIN_TAG
 from virtyard.lab import qga
 from virtyard.lab.guest_vm import iscsi_disk_xml
 from virtyard.lab.iscsi_target import Chap, TargetInfo
@@ -291,8 +292,14 @@ def test_status_free_lvm_pv_and_filesystem(lab: Lab, host_client: HostClient,
                                            make_target: Callable[..., TargetInfo],
                                            connect_target: Connect,
                                            loop_over: Callable[[Path], str]) -> None:
-    target = make_target([64 * MiB, 64 * MiB, 64 * MiB])
-    # LUN 2: an LVM PV in a VG; LUN 3: an ext4 filesystem; LUN 1 stays empty.
+    target = make_target([64 * MiB, 64 * MiB, 64 * MiB, 64 * MiB])
+    # LUN 2: an LVM PV in a VG; LUN 3: an ext4 filesystem; LUN 4: a PV of a block storage
+    # domain (VG named by the domain's UUID, tagged); LUN 1 stays empty.
+    domain_id = str(uuid.uuid4())
+    sd_loop = loop_over(target.lun(4).backing)
+    lvm("pvcreate", "-y", "--devices", sd_loop, sd_loop)
+    lvm("vgcreate", "--devices", sd_loop, "--addtag", DOMAIN_TAG, domain_id, sd_loop)
+    run(["losetup", "-d", sd_loop])
     loop = loop_over(target.lun(2).backing)
     vg_name = "vg" + uuid.uuid4().hex[:8]
     lvm("pvcreate", "-y", "--devices", loop, loop)
@@ -305,8 +312,11 @@ def test_status_free_lvm_pv_and_filesystem(lab: Lab, host_client: HostClient,
     connect_target(target)
 
     listing = {d["GUID"]: d for d in host_client.call(
-        "Host.getDeviceList", {"guids": [tgt_wwid(target, n) for n in (1, 2, 3)]})}
-    empty, pv, fs = (listing[tgt_wwid(target, n)] for n in (1, 2, 3))
+        "Host.getDeviceList", {"guids": [tgt_wwid(target, n) for n in (1, 2, 3, 4)]})}
+    empty, pv, fs, sd = (listing[tgt_wwid(target, n)] for n in (1, 2, 3, 4))
+    assert sd["status"] == "used" and sd["usedReason"] == "storage-domain"
+    assert sd["storageDomainID"] == domain_id and domain_id in sd["usedDetail"]
+    assert pv["storageDomainID"] == ""
     assert empty["status"] == "free" and empty["usedReason"] is None
     assert pv["status"] == "used" and pv["usedReason"] == "lvm-pv"
     assert (pv["pvUUID"], pv["vgUUID"], pv["vgName"]) == (

@@ -27,6 +27,7 @@ from virtyard.host.rpc.errors import (
 )
 from virtyard.host.rpc.schema import Params
 from virtyard.host.storage.devices import DeviceEntry
+from virtyard.host.storage.domain_tags import domain_of
 from virtyard.host.storage.initiator import (
     Chap,
     Connection,
@@ -292,11 +293,13 @@ class BlockDeviceInfo(BaseModel):
     pathstatus: list[PathStatus]
     status: Literal["free", "used", "unknown"]
     usedReason: str | None = Field(
-        default=None, description="lvm-pv, partition-table, filesystem, other-signature")
+        default=None,
+        description="storage-domain, lvm-pv, partition-table, filesystem, other-signature")
     usedDetail: str = ""
     pvUUID: str = ""
     vgUUID: str = ""
     vgName: str = ""
+    storageDomainID: str = Field(default="", description="the block storage domain on it")
 
 
 class GetDeviceListParams(Params):
@@ -311,6 +314,7 @@ def device_info(entry: DeviceEntry, initiator_name: str) -> BlockDeviceInfo:
     """The getDeviceList entry of one LUN."""
     d = entry.device
     usage = entry.usage
+    domain = domain_of(usage.vg_name, usage.vg_tags) if usage else None
     return BlockDeviceInfo(
         GUID=d.guid, vendorID=d.vendor_id, productID=d.product_id, fwrev=d.fwrev,
         serial=d.serial, capacity=d.capacity, logicalblocksize=d.logical_block_size,
@@ -323,8 +327,10 @@ def device_info(entry: DeviceEntry, initiator_name: str) -> BlockDeviceInfo:
                   for p in d.paths],
         pathstatus=[PathStatus(lun=p.lun, state=p.state, physdev=p.physdev) for p in d.paths],
         status=usage.status if usage else "unknown",
-        usedReason=usage.reason if usage else None,
-        usedDetail=usage.detail if usage else "",
+        usedReason="storage-domain" if domain else usage.reason if usage else None,
+        usedDetail=(f"PV of storage domain {domain}" if domain
+                    else usage.detail if usage else ""),
+        storageDomainID=domain or "",
         pvUUID=usage.pv_uuid if usage else "",
         vgUUID=usage.vg_uuid if usage else "",
         vgName=usage.vg_name if usage else "",
