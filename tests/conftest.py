@@ -24,7 +24,7 @@ from typing import Any
 import libvirt
 import pytest
 
-from virtyard.host.client import ClientTls, HostClient
+from virtyard.host.client import HostClient
 from virtyard.lab import qga
 from virtyard.lab.guest_vm import tiny_guest_xml
 from virtyard.lab.iscsi_target import Chap, TargetInfo
@@ -132,27 +132,35 @@ def host_client(lab: Lab) -> Iterator[HostClient]:
 
 
 def agent_client(lab: Lab, index: int) -> HostClient:
-    tls = ClientTls(lab.pki.client.cert, lab.pki.client.key, lab.pki.ca.cert)
-    return HostClient(lab.agents[index].address, tls)
+    return lab.agent_client(index)
 
 
 @pytest.fixture
-def connect_target(host_client: HostClient) -> Iterator[Callable[..., list[dict[str, Any]]]]:
-    """Factory: connectStorageServer for a target (optionally with CHAP); disconnected after."""
-    made: list[dict[str, Any]] = []
+def connect_target(lab: Lab, host_client: HostClient
+                   ) -> Iterator[Callable[..., list[dict[str, Any]]]]:
+    """Factory: connectStorageServer for a target (optionally with CHAP) on host ``host``
+    (default: host 1); disconnected after the test."""
+    made: list[tuple[HostClient, dict[str, Any]]] = []
+    extra: list[HostClient] = []
 
     def connect(target: TargetInfo, *, user: str = "", password: str = "",
-                conn_id: str | None = None, client: HostClient | None = None
-                ) -> list[dict[str, Any]]:
+                conn_id: str | None = None, client: HostClient | None = None,
+                host: int | None = None) -> list[dict[str, Any]]:
+        if client is None and host is not None and host != 0:
+            client = agent_client(lab, host)
+            extra.append(client)
+        client = client or host_client
         params = {"id": conn_id or str(uuid.uuid4()), "connection": target.address,
                   "port": target.port, "iqn": target.iqn, "user": user, "password": password}
-        made.append(params)
-        result: list[dict[str, Any]] = (client or host_client).call(
+        made.append((client, params))
+        result: list[dict[str, Any]] = client.call(
             "StoragePool.connectStorageServer",
             {"domainType": 3, "connectionParams": [params]})
         return result
 
     yield connect
-    for params in made:
-        host_client.call("StoragePool.disconnectStorageServer",
-                         {"domainType": 3, "connectionParams": [params]})
+    for client, params in made:
+        client.call("StoragePool.disconnectStorageServer",
+                    {"domainType": 3, "connectionParams": [params]})
+    for client in extra:
+        client.close()

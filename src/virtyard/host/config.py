@@ -51,6 +51,12 @@ class StorageConfig(_Section):
 
 class LibvirtConfig(_Section):
     uri: str = "qemu:///system"
+    # Where other hosts' libvirtd reach this host's for peer-to-peer migration
+    # (empty: qemu+tls://<server.address>/system).
+    migration_uri: str = ""
+    # The emulator QEMU binary domains run; KVM or TCG is decided at start ("auto" probes /dev/kvm
+    # usability the way the lab does; "qemu" forces TCG).
+    virt_type: Literal["auto", "kvm", "qemu"] = "auto"
 
 
 class HostConfig(_Section):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from virtyard.common.pki import CertPair, create_ca, issue
 from virtyard.lab import ports
-from virtyard.lab.process import read_pid, start_daemon, terminate
+from virtyard.lab.process import read_pid, start_daemon, terminate, wait_until
 
 
 class LabPki:
@@ -40,11 +40,14 @@ class LabPki:
 class AgentProcess:
     """One ``virtyard-hostd`` for one lab host."""
 
-    def __init__(self, name: str, root: Path, port: int, libvirt_uri: str, pki: LabPki) -> None:
+    def __init__(self, name: str, root: Path, port: int, libvirt_uri: str, pki: LabPki, *,
+                 migration_uri: str = "", virt_type: str = "qemu") -> None:
         self.name = name
         self.root = root
         self.port = port
         self.libvirt_uri = libvirt_uri
+        self.migration_uri = migration_uri
+        self.virt_type = virt_type
         self.pki = pki
 
     @property
@@ -83,7 +86,9 @@ class AgentProcess:
             f'initiator = "userspace"\n'
             f'initiator_name = "iqn.2026-11.org.virtyard.lab:{self.name}"\n\n'
             "[libvirt]\n"
-            f'uri = "{self.libvirt_uri}"\n' + extra)
+            f'uri = "{self.libvirt_uri}"\n'
+            f'migration_uri = "{self.migration_uri}"\n'
+            f'virt_type = "{self.virt_type}"\n' + extra)
 
     def start(self, timeout: float = 30.0) -> None:
         """Start the agent (no-op when it runs) and wait until it accepts TLS connections."""
@@ -102,6 +107,8 @@ class AgentProcess:
         if pid is not None:
             terminate(pid, grace=10)
         self.pidfile.unlink(missing_ok=True)
+        # The kernel closes a killed server's sockets a moment after the process is gone.
+        wait_until(lambda: ports.port_is_free(self.port), timeout=10)
 
     def status(self) -> dict[str, object]:
         return {"name": self.name, "address": self.address, "pid": self.pid(),

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from virtyard.host.client import ClientTls, HostClient
 from virtyard.lab import ports
 from virtyard.lab.agents import AgentProcess, LabPki
 from virtyard.lab.errors import LabError, MissingPackageError
@@ -102,7 +103,9 @@ class Lab:
         self.hosts = [self._host(i) for i in range(config.host_count)]
         self.pki = LabPki(self.state_dir / "pki")
         self.agents = [
-            AgentProcess(h.name, h.root / "agent", config.agent_base_port + i, h.uri, self.pki)
+            AgentProcess(h.name, h.root / "agent", config.agent_base_port + i, h.uri, self.pki,
+                         migration_uri=h.migration_uri,
+                         virt_type="kvm" if self.accelerator == "kvm" else "qemu")
             for i, h in enumerate(self.hosts)]
 
     @classmethod
@@ -164,6 +167,7 @@ class Lab:
                     raise errors[0]
             self.pki.ensure()
             for agent in self.agents:
+                agent.virt_type = "kvm" if accelerator == "kvm" else "qemu"
                 if not agent.is_running():
                     agent.start()
                     started.append(agent)
@@ -242,6 +246,11 @@ class Lab:
             "hosts": [h.status() for h in self.hosts],
             "agents": [a.status() for a in self.agents],
         }
+
+    def agent_client(self, index: int) -> HostClient:
+        """A mutual-TLS client to the agent of host ``index`` with the engine's certificate."""
+        tls = ClientTls(self.pki.client.cert, self.pki.client.key, self.pki.ca.cert)
+        return HostClient(self.agents[index].address, tls)
 
     def env(self) -> dict[str, str]:
         """The lab as shell variables, for ``demo.env``."""

@@ -22,7 +22,9 @@ from virtyard.host.rpc.errors import (
 from virtyard.host.rpc.schema import Schema, Verb
 
 
-def _type_name(schema: dict[str, Any]) -> str:
+def _type_name(schema: dict[str, Any] | bool) -> str:
+    if isinstance(schema, bool):  # JSON Schema's "anything" (true)
+        return "any"
     if "$ref" in schema:
         return str(schema["$ref"]).rsplit("/", 1)[-1]
     if "anyOf" in schema:

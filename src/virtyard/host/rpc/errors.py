@@ -92,3 +92,161 @@ ALL_ERRORS: tuple[type[HostError], ...] = (
     InvalidParameterError, StorageServerConnectionError, StorageServerDisconnectionError,
     IscsiSetupError, IscsiDiscoveryError, IscsiLoginAuthError, BlockDeviceActionError,
 )
+
+
+# -- VM errors (oVirt host-agent codes) ----------------------------------------------------------
+
+class NoSuchVmError(HostError):
+    code, name, default_message = 1, "noVM", "Virtual machine does not exist"
+
+
+class VmExistsError(HostError):
+    code, name, default_message = 4, "exist", "Virtual machine already exists"
+
+
+class VmDownError(HostError):
+    code, name, default_message = 6, "down", "Virtual machine is down"
+
+
+class VmCreateError(HostError):
+    code, name, default_message = 9, "createErr", "Error creating the requested virtual machine"
+
+
+class PeerUnreachableError(HostError):
+    code, name, default_message = 10, "noConPeer", "Could not connect to peer host"
+
+
+class MigrationError(HostError):
+    code, name, default_message = 12, "migrateErr", "Fatal error during migration"
+
+
+class ImageFileNotFoundError(HostError):
+    code, name, default_message = 13, "imageErr", "Drive image file could not be found"
+
+
+class ChangeDiskError(HostError):
+    code, name, default_message = 41, "changeDisk", "Failed to change disk image"
+
+
+class HotplugDiskError(HostError):
+    code, name, default_message = 45, "hotplugDisk", "Failed to hotplug disk"
+
+
+class HotunplugDiskError(HostError):
+    code, name, default_message = 46, "hotunplugDisk", "Failed to hotunplug disk"
+
+
+class MigrationInProgressError(HostError):
+    code, name, default_message = 51, "migInProgress", "Command not supported during migration"
+
+
+# -- Block storage domain and volume errors (oVirt storage codes) --------------------------------
+
+class VolumeDoesNotExistError(HostError):
+    code, name, default_message = 201, "VolumeDoesNotExist", "Volume does not exist"
+
+
+class IncorrectFormatError(HostError):
+    code, name, default_message = 202, "IncorrectFormat", "Incorrect Volume format"
+
+
+class VolumeIsBusyError(HostError):
+    code, name, default_message = 203, "VolumeIsBusy", "Volume is busy"
+
+
+class VolumeCreationError(HostError):
+    code, name, default_message = 205, "VolumeCreationError", "Error creating a new volume"
+
+
+class VolumeAlreadyExistsError(HostError):
+    code, name, default_message = 212, "VolumeAlreadyExists", "Volume already exists"
+
+
+class VolumeNonWritableError(HostError):
+    code, name, default_message = 213, "VolumeNonWritable", "Volume cannot be access to writes"
+
+
+class CannotDeleteVolumeError(HostError):
+    code, name, default_message = 222, "CannotDeleteVolume", "Volume deletion error"
+
+
+class ImagePathError(HostError):
+    code, name = 254, "ImagePathError"
+    default_message = "Image path does not exist or cannot be accessed/created"
+
+
+class StorageDomainCreationError(HostError):
+    code, name = 351, "StorageDomainCreationError"
+    default_message = "Error creating a storage domain"
+
+
+class StorageDomainDoesNotExistError(HostError):
+    code, name = 358, "StorageDomainDoesNotExist"
+    default_message = "Storage domain does not exist"
+
+
+class StorageDomainNotEmptyError(HostError):
+    code, name = 361, "StorageDomainNotEmpty"
+    default_message = "Storage domain is not empty - requires cleaning"
+
+
+class StorageDomainAlreadyExistsError(HostError):
+    code, name = 365, "StorageDomainAlreadyExists"
+    default_message = "Storage domain already exists"
+
+
+class StorageDomainAccessError(HostError):
+    code, name = 379, "StorageDomainAccessError"
+    default_message = "Domain is either partially accessible or entirely inaccessible"
+
+
+class NoSpaceLeftOnDomainError(HostError):
+    code, name, default_message = 397, "NoSpaceLeftOnDomain", "No space left on domain"
+
+
+class ImageVerificationError(HostError):
+    code, name, default_message = 484, "ImageVerificationError", "Image verification failed"
+
+
+class VolumeGroupRemoveError(HostError):
+    code, name, default_message = 508, "VolumeGroupRemoveError", "Volume Group remove error"
+
+
+class VolumeGroupHasDomainTagError(HostError):
+    code, name = 515, "VolumeGroupHasDomainTag"
+    default_message = "Volume Group has domain tag - requires cleaning"
+
+
+class CannotDeactivateLogicalVolumeError(HostError):
+    code, name = 552, "CannotDeactivateLogicalVolume"
+    default_message = "Cannot deactivate Logical Volume"
+
+
+class CannotActivateLogicalVolumeError(HostError):
+    code, name = 558, "CannotActivateLogicalVolume"
+    default_message = "Cannot activate Logical Volume"
+
+
+class LogicalVolumeReplaceTagError(HostError):
+    code, name = 572, "LogicalVolumeReplaceTagError"
+    default_message = "Replace Logical Volume tag error"
+
+
+class PhysDevInitializationError(HostError):
+    code, name = 601, "PhysDevInitializationError"
+    default_message = "Failed to initialize physical device"
+
+
+class InaccessiblePhysDevError(HostError):
+    code, name = 606, "InaccessiblePhysDev"
+    default_message = "Multipath cannot access physical device(s)"
+
+
+class MiscBlockReadError(HostError):
+    code, name = 2003, "MiscBlockReadException"
+    default_message = "Internal block device read failure"
+
+
+class MiscBlockWriteError(HostError):
+    code, name = 2004, "MiscBlockWriteException"
+    default_message = "Internal block device write failure"
