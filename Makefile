@@ -20,15 +20,14 @@ venv: system-deps $(BIN)/.installed
 
 demo: venv
 	@$(BIN)/virtyard-lab --state-dir $(DEMO_LAB) up --profile demo --env-file demo.env
-	@$(BIN)/virtyard-lab --state-dir $(DEMO_LAB) target add demo 1G 1G 512M --exist-ok
-	@set -a; . ./demo.env; set +a; for h in $$VIRTYARD_HOSTS; do \
-	  $(BIN)/virtyard-hostctl --host $$h StoragePool.connectStorageServer --json \
-	  '{"domainType": 3, "connectionParams": [{"id": "demo", "connection": "127.0.0.1", "port": 13260, "iqn": "iqn.2026-11.org.virtyard.lab:demo"}]}' >/dev/null; done
+	@$(BIN)/virtyard-lab --state-dir $(DEMO_LAB) demo --env-file demo.env
 	@echo
 	@echo "demo.env written. Try:"
 	@echo "  set -a; . ./demo.env; set +a"
 	@echo "  $(BIN)/virtyard-hostctl ISCSIConnection.discoverSendTargets host=127.0.0.1 port=13260"
 	@echo "  $(BIN)/virtyard-hostctl Host.getDeviceList"
+	@echo "  $(BIN)/virtyard-hostctl Host.getVMFullList"
+	@echo "  $(BIN)/virtyard-hostctl VM.getStats vmID=\$$VIRTYARD_DEMO_VM"
 	@echo "stop everything with: make demo-down"
 
 demo-down:

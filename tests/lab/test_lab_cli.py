@@ -14,6 +14,7 @@ import libvirt
 import pytest
 
 from virtyard.lab import qga
+from virtyard.lab.demo import DEMO_CONNECTION, set_up
 from virtyard.lab.guest_vm import tiny_guest_xml
 from virtyard.lab.iscsi_target import Chap
 from virtyard.lab.lab import Lab, LabConfig, leftovers, loop_devices_under
@@ -126,3 +127,31 @@ def test_status_shows_the_session_lab(lab: Lab) -> None:
     assert lab.storage.portal in result.stdout
     for host in lab.hosts:
         assert host.uri in result.stdout
+
+
+def test_demo_set_up_is_idempotent(lab: Lab) -> None:
+    """What `make demo` adds to a lab: a target, both agents connected, a demo VM with a LUN."""
+    first = set_up(lab)
+    try:
+        assert set_up(lab) == first  # again: finds what is there
+        vm_id = first["VIRTYARD_DEMO_VM"]
+        with lab.agent_client(0) as client:
+            [vm] = client.call("Host.getVMFullList", {"vmList": [vm_id]})
+            assert vm["status"] == "Up"
+            [disk] = vm["devices"]
+            assert disk["GUID"].startswith("360000000000000000e")
+            assert client.call("Host.getDevicesVisibility", {"guidList": [disk["GUID"]]})
+        with lab.agent_client(1) as client:
+            assert client.call("Host.getDevicesVisibility",
+                               {"guidList": [disk["GUID"]]}) == {disk["GUID"]: True}
+    finally:
+        with lab.agent_client(0) as client:
+            client.call("VM.destroy", {"vmID": first["VIRTYARD_DEMO_VM"]})
+        for index in range(len(lab.agents)):
+            with lab.agent_client(index) as client:
+                for _ in range(2):  # set_up ran twice but connected once: both calls are fine
+                    client.call("StoragePool.disconnectStorageServer", {
+                        "domainType": 3, "connectionParams": [{
+                            "id": DEMO_CONNECTION, "connection": "127.0.0.1",
+                            "iqn": first["VIRTYARD_DEMO_TARGET"]}]})
+        lab.storage.delete_target("demo")

@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--port-base", type=int,
                     help="use ports from here instead of the profile's (a third lab, say)")
     sub.add_parser("down", help="stop everything and remove the state directory")
+    demo = sub.add_parser("demo", help="the demo on a running lab: target, connections, VM")
+    demo.add_argument("--env-file", type=Path, help="also write its variables here")
     target = sub.add_parser("target", help="add or remove an iSCSI target of the lab")
     target_sub = target.add_subparsers(dest="target_command", required=True)
     add = target_sub.add_parser("add", help="a target with one LUN per size (e.g. 1G 512M)")
@@ -125,6 +127,20 @@ def main(argv: list[str] | None = None) -> int:
             if args.env_file:
                 write_env_file(args.env_file, lab.env())
             print(format_status(status))
+        elif args.command == "demo":
+            from virtyard.lab.demo import set_up  # noqa: PLC0415  (needs the host agent code)
+
+            running = Lab.load(args.state_dir)
+            if running is None:
+                raise LabError(f"no lab runs in {args.state_dir}: run 'virtyard-lab up' first")
+            try:
+                values = set_up(running)
+            except Exception as exc:  # one clear line: host call errors, unreachable agents
+                raise LabError(f"demo set-up failed: {exc}") from exc
+            if args.env_file:
+                write_env_file(args.env_file, values)
+            for key, value in values.items():
+                print(f"{key}={value}")
         elif args.command == "target":
             running = Lab.load(args.state_dir)
             if running is None or not running.storage.is_running():
