@@ -26,7 +26,7 @@ from virtyard.host.rpc.schema import NoParams, Params
 from virtyard.host.verbs.registry import SCHEMA
 from virtyard.host.virt.hotplug import hotplug_disk, hotunplug_disk
 from virtyard.host.virt.migration import prepare_incoming
-from virtyard.host.virt.vms import VmSnapshot
+from virtyard.host.virt.vms import VmSnapshot, VmStatsView
 
 VM_ID = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 
@@ -48,7 +48,7 @@ class VmDefinition(BaseModel):
     devices: list[dict[str, Any]]
 
 
-def stats_of(snap: VmSnapshot) -> VmStats:
+def stats_of(snap: VmSnapshot | VmStatsView) -> VmStats:
     return VmStats(vmId=snap.vm_id, vmName=snap.name, status=snap.status, hash=snap.hash)
 
 
@@ -128,13 +128,19 @@ def vm_shutdown(agent: HostAgent, p: ShutdownParams) -> ShutdownResult:
 @SCHEMA.verb("VM.getStats", params=VmIdParams, result=list[VmStats], errors=(NoSuchVmError,))
 def vm_get_stats(agent: HostAgent, p: VmIdParams) -> list[VmStats]:
     """The VM's status and change hash (a list of one, as oVirt returns it)."""
-    return [stats_of(agent.vms.snapshot(agent.vms.domain(p.vmID)))]
+    return [stats_of(agent.vms.stats(agent.vms.domain(p.vmID)))]
 
 
 @SCHEMA.verb("Host.getAllVmStats", params=NoParams, result=list[VmStats])
 def host_get_all_vm_stats(agent: HostAgent, p: NoParams) -> list[VmStats]:
     """Status and change hash of every running VM of this host."""
-    return [stats_of(s) for s in _snapshots(agent, None)]
+    out = []
+    for dom in agent.vms.running():
+        try:
+            out.append(stats_of(agent.vms.stats(dom)))
+        except Exception:  # gone between list and read (destroyed, migrated away)
+            continue
+    return out
 
 
 class VmListParams(Params):

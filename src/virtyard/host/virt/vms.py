@@ -26,7 +26,7 @@ from virtyard.host.virt.domain_xml import (
 )
 from virtyard.host.virt.drives import DriveNotVisibleError, DriveResolver
 from virtyard.host.virt.libvirt_conn import LibvirtConnection
-from virtyard.host.virt.metadata import METADATA_KEY, METADATA_NS, VmMetadata, read_metadata
+from virtyard.host.virt.metadata import METADATA_KEY, METADATA_NS, VmMetadata
 
 log = logging.getLogger("virtyard.host.virt.vms")
 
@@ -59,9 +59,24 @@ class VmSnapshot:
 
     @property
     def hash(self) -> str:
-        """Changes whenever the VM's devices (or, later, guest names) change: the runtime id
-        (a new run of the same VM) and the generation counter bumped by every device change."""
-        return f"{self.run_id}-{self.metadata.generation}"
+        return change_hash(self.run_id, self.metadata)
+
+
+@dataclass(frozen=True)
+class VmStatsView:
+    """What the frequent stats poll needs of a VM."""
+
+    vm_id: str
+    name: str
+    status: str
+    hash: str
+
+
+def change_hash(run_id: int, metadata: VmMetadata) -> str:
+    """Changes whenever the VM's devices (or guest names) change: the runtime id (a new run of
+    the same VM) and the generation counter every device change bumps. A counter, not a digest
+    of the devices, so an unplug and replug to the same name still changes it."""
+    return f"{run_id}-{metadata.generation}"
 
 
 class VmManager:
@@ -189,4 +204,17 @@ class VmManager:
                         METADATA_KEY, METADATA_NS, libvirt.VIR_DOMAIN_AFFECT_LIVE)
 
     def read_metadata(self, dom: libvirt.virDomain) -> VmMetadata:
-        return read_metadata(dom.XMLDesc(0))
+        """Only our metadata element (much cheaper than the whole live XML)."""
+        try:
+            return VmMetadata.from_xml(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                                                    METADATA_NS))
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+                return VmMetadata()
+            raise
+
+    def stats(self, dom: libvirt.virDomain) -> VmStatsView:
+        """Status and change hash without reading the devices (the frequent, cheap poll)."""
+        return VmStatsView(vm_id=dom.UUIDString(), name=dom.name(),
+                           status=_STATE_NAMES.get(dom.state()[0], "Unknown"),
+                           hash=change_hash(dom.ID(), self.read_metadata(dom)))

@@ -1,0 +1,122 @@
+"""VM.hotplugDisk end to end vs a bare libvirt attachDeviceFlags; Host.getAllVmStats at scale.
+
+Run by hand on a lab machine (the packages `make test` installs)::
+
+    .venv/bin/python benchmarks/hotplug.py                 # 20 rounds, 8 guests for the stats
+    .venv/bin/python benchmarks/hotplug.py --rounds 50 --guests 4
+
+It brings up its own one-host lab (ports from 43000, state in /tmp) and takes it down at the end,
+also on error. Measured, alternating round by round so both see the same machine:
+
+* ``VM.hotplugDisk``: the agent's verb through the real mutual-TLS JSON-RPC client — parameter
+  validation, the LUN's visibility on the host, the metadata write, ``attachDeviceFlags`` and
+  the answer (the VM's full definition).
+* bare ``attachDeviceFlags``: libvirt-python straight to the host's libvirtd with the very same
+  disk XML (what the agent attaches), nothing else.
+
+Each plug is undone (unplug / detach, waited for) outside the timed part. Then ``--guests`` tiny
+guests run and ``Host.getAllVmStats`` is timed with all of them, giving the cost per VM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import libvirt
+
+from virtyard.host.virt.domain_xml import DiskDevice, DomainDisk, IscsiSource
+from virtyard.lab import qga
+from virtyard.lab.guest_image import DEFAULT_CMDLINE
+from virtyard.lab.lab import Lab, LabConfig
+
+PORT_BASE = 43000
+
+
+def wwid(tid: int, lun: int) -> str:
+    return f"360000000000000000e000000{tid:04x}{lun:04x}"
+
+
+def vm_params(lab: Lab, name: str) -> dict[str, Any]:
+    image = lab.guest_image
+    return {"vmId": str(uuid.uuid4()), "vmName": name, "memSize": 192,
+            "kernel": str(image.kernel), "initrd": str(image.initrd),
+            "kernelArgs": DEFAULT_CMDLINE, "devices": []}
+
+
+def wait_gone(dom: libvirt.virDomain, dev: str) -> None:
+    deadline = time.monotonic() + 20
+    while f"dev='{dev}'" in dom.XMLDesc(0):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{dev} not released")
+        time.sleep(0.02)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--guests", type=int, default=8)
+    args = parser.parse_args()
+    state = Path(tempfile.mkdtemp(prefix="vy-bench-", dir="/tmp"))
+    config = LabConfig.test(state).with_port_base(PORT_BASE)
+    lab = Lab(LabConfig(**{**config.__dict__, "host_count": 1}))
+    try:
+        lab.up()
+        target = lab.storage.create_target("bench", [16 << 20, 16 << 20])
+        client = lab.agent_client(0)
+        client.call("StoragePool.connectStorageServer", {"domainType": 3, "connectionParams": [
+            {"id": "bench", "connection": target.address, "port": target.port,
+             "iqn": target.iqn}]})
+        params = vm_params(lab, "bench")
+        client.call("VM.create", {"vmParams": params})
+        conn = libvirt.open(lab.hosts[0].uri)
+        dom = conn.lookupByUUIDString(params["vmId"])
+        qga.wait_ready(dom)
+
+        drive = {"type": "disk", "device": "disk", "iface": "scsi", "index": 1,
+                 "GUID": wwid(target.tid, 1), "serial": "bench1"}
+        bare_xml = DomainDisk(DiskDevice.from_dict(drive), IscsiSource(
+            target.address, target.port, target.iqn, 1)).to_xml()
+        ours: list[float] = []
+        bare: list[float] = []
+        for _ in range(args.rounds):
+            start = time.perf_counter()
+            client.call("VM.hotplugDisk", {"vmID": params["vmId"], "drive": drive})
+            ours.append(time.perf_counter() - start)
+            client.call("VM.hotunplugDisk", {"vmID": params["vmId"],
+                                             "drive": {"GUID": drive["GUID"]}})
+            start = time.perf_counter()
+            dom.attachDeviceFlags(bare_xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            bare.append(time.perf_counter() - start)
+            dom.detachDeviceFlags(bare_xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            wait_gone(dom, "sdb")
+        o, b = statistics.median(ours), statistics.median(bare)
+        print(f"VM.hotplugDisk (end to end)    median {o * 1000:7.1f} ms  "
+              f"min {min(ours) * 1000:6.1f} ms")
+        print(f"bare attachDeviceFlags          median {b * 1000:7.1f} ms  "
+              f"min {min(bare) * 1000:6.1f} ms")
+        print(f"ratio {o / b:.2f}x (goal <= 2x)")
+
+        for i in range(args.guests - 1):
+            client.call("VM.create", {"vmParams": vm_params(lab, f"bench{i}")})
+        timings = []
+        for _ in range(args.rounds):
+            start = time.perf_counter()
+            stats = client.call("Host.getAllVmStats", {})
+            timings.append(time.perf_counter() - start)
+        assert len(stats) == args.guests
+        t = statistics.median(timings)
+        print(f"Host.getAllVmStats, {args.guests} VMs  median {t * 1000:7.1f} ms  "
+              f"({t * 1000 / args.guests:.2f} ms per VM)")
+        client.close()
+    finally:
+        lab.down()
+
+
+if __name__ == "__main__":
+    main()
