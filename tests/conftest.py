@@ -7,8 +7,9 @@ A test says what it needs in a few lines::
         dom = make_guest(host=0)
 
 The tests' lab has its own state directory (``.lab-test``, or ``$VIRTYARD_TEST_LAB``) and its own
-ports, so ``make test`` passes while ``make demo`` runs. After the session the lab is taken down
-and the run fails if anything was left behind.
+ports (``$VIRTYARD_TEST_PORT_OFFSET`` shifts every port the tests use), so ``make test`` passes
+while ``make demo`` runs. After the session the lab is taken down and the run fails if anything
+was left behind.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from virtyard.lab.iscsi_target import Chap, TargetInfo
 from virtyard.lab.lab import Lab, LabConfig, leftovers
 
 REPO = Path(__file__).resolve().parent.parent
+# Every fixed port the tests use is shifted by this, so two test runs can share a machine.
+PORT_OFFSET = int(os.environ.get("VIRTYARD_TEST_PORT_OFFSET", "0"))
 MiB = 1 << 20
 
 _counter = itertools.count(1)
@@ -49,7 +52,7 @@ def lab() -> Iterator[Lab]:
     existing = Lab.load(test_lab_dir())
     if existing is not None:  # a previous run died without cleaning up
         existing.down()
-    the_lab = Lab(LabConfig.test(test_lab_dir()))
+    the_lab = Lab(LabConfig.test(test_lab_dir()).shifted(PORT_OFFSET))
     try:
         the_lab.up()
         yield the_lab

@@ -23,7 +23,7 @@ from virtyard.lab.process import run
 pytestmark = pytest.mark.lab
 
 LAB_CLI = [sys.executable, "-m", "virtyard.lab.cli"]
-PORT_BASE = 41000  # a third lab's ports: neither the demo's nor the tests'
+PORT_BASE = 41000 + int(os.environ.get("VIRTYARD_TEST_PORT_OFFSET", "0"))  # a third lab
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -6,6 +6,7 @@ needs the ``tgt`` and ``libiscsi7`` packages.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -35,11 +36,12 @@ from virtyard.lab.iscsi_target import TargetInfo, TargetServer
 
 pytestmark = pytest.mark.lab
 
-PORT = 34263
-CONTROL_PORT = 3463
-CLOSED_PORT = 34264
-SILENT_PORT = 34265
-FULL_BACKLOG_PORT = 34266
+PORT_OFFSET = int(os.environ.get("VIRTYARD_TEST_PORT_OFFSET", "0"))
+PORT = 34263 + PORT_OFFSET
+CONTROL_PORT = 3463 + PORT_OFFSET
+CLOSED_PORT = 34264 + PORT_OFFSET
+SILENT_PORT = 34265 + PORT_OFFSET
+FULL_BACKLOG_PORT = 34266 + PORT_OFFSET
 MiB = 1 << 20
 CHAP_USER = "vyuser"
 CHAP_PASSWORD = "vy-Secret-4711"

@@ -73,6 +73,14 @@ class LabConfig:
                        libvirt_base_port=base + 10, migration_base_port=base + 100,
                        agent_base_port=base + 50)
 
+    def shifted(self, offset: int) -> LabConfig:
+        """The same lab with every port moved by ``offset`` (a second test run, say)."""
+        return replace(self, iscsi_port=self.iscsi_port + offset,
+                       tgt_control_port=self.tgt_control_port + offset,
+                       libvirt_base_port=self.libvirt_base_port + offset,
+                       migration_base_port=self.migration_base_port + offset,
+                       agent_base_port=self.agent_base_port + offset)
+
     def to_json(self) -> dict[str, Any]:
         raw = asdict(self)
         raw["state_dir"] = str(self.state_dir)
