@@ -42,9 +42,9 @@ def test_missing_package_is_named_and_nothing_is_created(tmp_path: Path) -> None
 
 
 def test_busy_port_is_named_and_nothing_is_started(lab: Lab, tmp_path: Path) -> None:
-    # The session's test lab holds the test profile's ports: a second lab on them must refuse.
+    # The session's test lab holds its iSCSI port: a second lab wanting it must refuse.
     state = tmp_path / "lab"
-    result = _cli("--state-dir", str(state), "up", "--profile", "test")
+    result = _cli("--state-dir", str(state), "up", "--port-base", str(lab.config.iscsi_port))
     assert result.returncode == 1
     assert f"port {lab.config.iscsi_port}" in result.stderr
     assert "port-busy" in result.stderr
