@@ -10,6 +10,7 @@ from virtyard.host.storage.connections import ConnectionRegistry
 from virtyard.host.storage.devices import DeviceService
 from virtyard.host.storage.initiator import Initiator, choose_initiator_kind
 from virtyard.host.storage.userspace_initiator import UserspaceInitiator
+from virtyard.host.storage.volumes import VolumeService
 from virtyard.host.virt.domain_xml import DiskDevice, Source
 from virtyard.host.virt.drives import DriveNotVisibleError, DriveResolver
 from virtyard.host.virt.libvirt_conn import LibvirtConnection
@@ -38,6 +39,9 @@ class HostAgent:
         self.connections = ConnectionRegistry(config.state_dir / "storage" / "connections.json")
         self.devices = DeviceService(self.initiator, self.connections,
                                      probe_bytes=config.storage.probe_bytes,
+                                     timeout=config.storage.login_timeout)
+        self.volumes = VolumeService(config.state_dir / "storage", self.initiator, self.devices,
+                                     initiator_name=config.storage.initiator_name,
                                      timeout=config.storage.login_timeout)
         self.libvirt = LibvirtConnection(config.libvirt.uri)
         self.drives = DriveResolver(self, self.libvirt)
