@@ -6,6 +6,7 @@ import logging
 import os
 
 from virtyard.host.config import HostConfig
+from virtyard.host.rpc.errors import HostError
 from virtyard.host.storage.connections import ConnectionRegistry
 from virtyard.host.storage.devices import DeviceService
 from virtyard.host.storage.initiator import Initiator, choose_initiator_kind
@@ -45,8 +46,20 @@ class HostAgent:
                                      timeout=config.storage.login_timeout)
         self.libvirt = LibvirtConnection(config.libvirt.uri)
         self.drives = DriveResolver(self, self.libvirt)
-        self.vms = VmManager(self.libvirt, self.drives, virt_type=virt_type(config))
+        self.vms = VmManager(self.libvirt, self.drives, virt_type=virt_type(config),
+                             release=self.release_volumes)
         self.migrations = Migrations(self.vms, config)
+
+    def recover(self) -> None:
+        """At agent start: undo what a crash left half-done (LUN attachments, activations) and
+        settle CD changes in flight, so prepared volumes and drives agree again."""
+        from virtyard.host.virt.cdrom import reconcile  # noqa: PLC0415
+
+        try:
+            self.volumes.recover()
+            log.info("recovery: %s", reconcile(self))
+        except Exception:  # libvirt or storage unreachable now: the agent still serves
+            log.exception("recovery at start failed; it runs again at the next start")
 
     @property
     def migration_uri(self) -> str:
@@ -54,9 +67,28 @@ class HostAgent:
         return (self.config.libvirt.migration_uri
                 or f"qemu+tls://{self.config.server.address}/system")
 
-    def resolve_volume(self, device: DiskDevice) -> Source:
-        """The source of an image volume (PDIV) on this host."""
-        raise DriveNotVisibleError(f"volume {device.pdiv}")
+    def resolve_volume(self, device: DiskDevice, vm_id: str) -> Source:
+        """The source of an image volume (PDIV) on this host, prepared for the VM's drive."""
+        from virtyard.host.virt.cdrom import drive_user, source_of  # noqa: PLC0415
+
+        assert device.pdiv is not None
+        try:
+            prepared = self.volumes.prepare(device.pdiv, drive_user(vm_id, device.name),
+                                            iso=device.device == "cdrom")
+        except HostError as exc:
+            raise DriveNotVisibleError(f"volume {device.pdiv} ({exc.message})") from None
+        return source_of(self, prepared)
+
+    def release_volumes(self, vm_id: str) -> None:
+        """Drop every hold VM ``vm_id`` has on image volumes (it stopped or left this host)."""
+        prefix = f"{vm_id}:"
+        for prepared in self.volumes.prepared():
+            for user in prepared.users:
+                if user.startswith(prefix):
+                    try:
+                        self.volumes.teardown(prepared.pdiv, user)
+                    except HostError as exc:
+                        log.warning("releasing %s for %s failed: %s", prepared.pdiv, user, exc)
 
 
 def virt_type(config: HostConfig) -> str:

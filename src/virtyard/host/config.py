@@ -59,6 +59,13 @@ class LibvirtConfig(_Section):
     virt_type: Literal["auto", "kvm", "qemu"] = "auto"
 
 
+class DebugConfig(_Section):
+    # Fault injection for crash tests: the agent dies (os._exit) at this named step, e.g.
+    # "changecd:updated" (steps: marked, prepared, ejected, updated, applied, torn-down). Never in
+    # production.
+    die_at: str = ""
+
+
 class HostConfig(_Section):
     """The whole agent configuration."""
 
@@ -67,6 +74,7 @@ class HostConfig(_Section):
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
     libvirt: LibvirtConfig = LibvirtConfig()
+    debug: DebugConfig = DebugConfig()
 
 
 class ConfigError(Exception):

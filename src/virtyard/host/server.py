@@ -47,6 +47,7 @@ def build_app(dispatcher: Dispatcher[HostAgent]) -> Starlette:
 def serve(config: HostConfig, agent: HostAgent | None = None) -> None:
     """Run the agent until interrupted."""
     agent = agent or HostAgent(config)
+    agent.recover()
     dispatcher = Dispatcher(SCHEMA, agent, workers=config.server.workers)
     for path in (config.server.cert, config.server.key, config.server.ca):
         if not path.exists():

@@ -49,6 +49,8 @@ class AgentProcess:
         self.migration_uri = migration_uri
         self.virt_type = virt_type
         self.pki = pki
+        # Appended to the configuration at the next start (fault injection in crash tests).
+        self.extra_config = ""
 
     @property
     def address(self) -> str:
@@ -72,8 +74,9 @@ class AgentProcess:
     def is_running(self) -> bool:
         return self.pid() is not None
 
-    def write_config(self, extra: str = "") -> None:
-        """The agent's TOML configuration (``extra`` is appended: fault injection, say)."""
+    def write_config(self) -> None:
+        """The agent's TOML configuration (with :attr:`extra_config` appended)."""
+        extra = self.extra_config
         cert = self.pki.host_cert(self.name)
         self.root.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(

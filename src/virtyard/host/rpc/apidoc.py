@@ -7,6 +7,7 @@ A test checks that the committed reference equals what this prints, so it never 
 
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Any
 
@@ -25,6 +26,8 @@ from virtyard.host.rpc.schema import Schema, Verb
 def _type_name(schema: dict[str, Any] | bool) -> str:
     if isinstance(schema, bool):  # JSON Schema's "anything" (true)
         return "any"
+    if "title" in schema and schema.get("type") == "object" and "properties" in schema:
+        return str(schema["title"])
     if "$ref" in schema:
         return str(schema["$ref"]).rsplit("/", 1)[-1]
     if "anyOf" in schema:
@@ -42,7 +45,8 @@ def _type_name(schema: dict[str, Any] | bool) -> str:
 
 
 def _verb_section(verb: Verb[Any]) -> list[str]:
-    lines = [f"## `{verb.name}`", "", verb.doc or "(no description)", "", "**Parameters**", ""]
+    doc = inspect.cleandoc(verb.doc) if verb.doc else "(no description)"
+    lines = [f"## `{verb.name}`", "", doc, "", "**Parameters**", ""]
     params_schema = verb.params.model_json_schema()
     props = params_schema.get("properties", {})
     if not props:
@@ -60,7 +64,10 @@ def _verb_section(verb: Verb[Any]) -> list[str]:
             lines.append(f"| `{name}` | {kind} | {default} | {description} |")
     result_schema = TypeAdapter(verb.result).json_schema()
     lines += ["", f"**Returns** `{_type_name(result_schema)}`", ""]
-    for name, definition in sorted(result_schema.get("$defs", {}).items()):
+    definitions = dict(result_schema.get("$defs", {}))
+    if "properties" in result_schema and "title" in result_schema:
+        definitions[result_schema["title"]] = result_schema
+    for name, definition in sorted(definitions.items()):
         fields = ", ".join(f"`{k}`: {_type_name(v)}"
                            for k, v in definition.get("properties", {}).items())
         lines.append(f"- `{name}`: {fields}")

@@ -13,8 +13,11 @@ from pydantic import BaseModel, Field
 
 from virtyard.host.agent import HostAgent
 from virtyard.host.rpc.errors import (
+    ChangeDiskError,
     HotplugDiskError,
     HotunplugDiskError,
+    ImageFileNotFoundError,
+    InvalidParamsError,
     MigrationError,
     MigrationInProgressError,
     NoSuchVmError,
@@ -24,7 +27,9 @@ from virtyard.host.rpc.errors import (
 )
 from virtyard.host.rpc.schema import NoParams, Params
 from virtyard.host.verbs.registry import SCHEMA
+from virtyard.host.virt.cdrom import change_cd, change_cd_legacy
 from virtyard.host.virt.hotplug import hotplug_disk, hotunplug_disk
+from virtyard.host.virt.metadata import Pdiv, VirtXmlError
 from virtyard.host.virt.migration import prepare_incoming
 from virtyard.host.virt.vms import VmSnapshot, VmStatsView
 
@@ -192,6 +197,42 @@ def vm_hotplug_disk(agent: HostAgent, p: DriveParams) -> VmDefinition:
 def vm_hotunplug_disk(agent: HostAgent, p: DriveParams) -> VmDefinition:
     """Unplug a disk; waits (bounded) for the guest to release it."""
     return definition_of(hotunplug_disk(agent.vms, p.vmID, p.drive))
+
+
+# -- CD-ROM ------------------------------------------------------------------------------------
+
+class ChangeCdParams(Params):
+    vmID: str = Field(pattern=VM_ID)
+    driveSpec: dict[str, Any] = Field(description=(
+        "{drive_spec: PDIV dict or empty (eject), iface, index}; legacy {path, iface, index}"))
+
+
+def _cd_target(spec: dict[str, Any]) -> tuple[str, int]:
+    iface, index = spec.get("iface"), spec.get("index")
+    if not isinstance(iface, str) or isinstance(index, bool) or not isinstance(index, int):
+        raise InvalidParamsError("invalid parameter 'driveSpec': needs iface (string) and "
+                                 "index (integer)")
+    return iface, index
+
+
+@SCHEMA.verb("VM.changeCD", params=ChangeCdParams, result=VmDefinition,
+             errors=(NoSuchVmError, ChangeDiskError, ImageFileNotFoundError))
+def vm_change_cd(agent: HostAgent, p: ChangeCdParams) -> VmDefinition:
+    """Load, change or eject the CD of a running VM, atomically: on any failure the old CD
+    stays in the drive and nothing new stays prepared; a crash at any step is recovered when
+    the agent starts. ``drive_spec`` names an ISO volume on a block storage domain by PDIV."""
+    iface, index = _cd_target(p.driveSpec)
+    if "drive_spec" in p.driveSpec:
+        raw = p.driveSpec["drive_spec"]
+        try:
+            pdiv = Pdiv.from_dict(raw) if raw else None
+        except VirtXmlError as exc:
+            raise InvalidParamsError(f"invalid parameter 'driveSpec.drive_spec': {exc}") from None
+        return definition_of(change_cd(agent, p.vmID, pdiv, iface, index))
+    if "path" in p.driveSpec and isinstance(p.driveSpec["path"], str):
+        return definition_of(change_cd_legacy(agent, p.vmID, p.driveSpec["path"], iface, index))
+    raise InvalidParamsError("invalid parameter 'driveSpec': give drive_spec (a PDIV, or empty "
+                             "to eject) or path")
 
 
 # -- migration ---------------------------------------------------------------------------------

@@ -46,12 +46,13 @@ class DriveResolver:
         """Which of these LUNs this host sees now (one rescan before a 'no')."""
         return self.agent.devices.visibility(guids) if guids else {}
 
-    def resolve(self, device: DiskDevice) -> Source | None:
-        """The source of ``device`` on this host; raises :class:`DriveNotVisibleError`."""
+    def resolve(self, device: DiskDevice, vm_id: str) -> Source | None:
+        """The source of ``device`` of VM ``vm_id`` on this host (an image volume is prepared
+        for that VM's drive); raises :class:`DriveNotVisibleError`."""
         if device.guid is not None:
             return self._lun_source(device.guid)
         if device.pdiv is not None:
-            return self.agent.resolve_volume(device)
+            return self.agent.resolve_volume(device, vm_id)
         return None  # an empty CD-ROM tray
 
     def _lun_source(self, guid: str) -> Source:

@@ -34,7 +34,7 @@ def hotplug_disk(manager: VmManager, vm_id: str, drive: dict[str, Any]) -> VmSna
         before = manager.snapshot(dom)
         [disk] = parse_disks([drive], existing=[d.device for d in before.domain.disks])
         try:
-            source = manager.drives.resolve(disk)
+            source = manager.drives.resolve(disk, vm_id)
         except DriveNotVisibleError as exc:
             raise HotplugDiskError(f"cannot hotplug {disk.name}: {exc}", vmId=vm_id) from None
         entry = dataclasses.replace(before.metadata.device(disk.name), guid=disk.guid,

@@ -58,10 +58,11 @@ def prepare_incoming(manager: VmManager, xml: str) -> str:
     invisible: list[str] = []
     for disk in domain.disks:
         try:
-            disks.append(DomainDisk(disk.device, manager.drives.resolve(disk.device)))
+            disks.append(DomainDisk(disk.device, manager.drives.resolve(disk.device, domain.uuid)))
         except DriveNotVisibleError as exc:
             invisible.append(exc.what)
     if invisible:
+        manager.release(domain.uuid)
         raise VmCreateError(f"destination does not see: {', '.join(invisible)}",
                             vmId=domain.uuid, invisible=invisible)
     if manager.libvirt.lookup(domain.uuid) is not None:
@@ -118,6 +119,7 @@ class Migrations:
             with self.manager.locks.hold([job.vm_id]):
                 dom.migrateToURI3(uri, params, MIGRATE_FLAGS)
             job.status, job.progress = "done", 100
+            self.manager.release(job.vm_id)  # its drives' holds moved with it
             log.info("VM %s migrated to %s in %.2fs", job.vm_id, job.destination,
                      time.monotonic() - job.started)
         except libvirt.libvirtError as exc:

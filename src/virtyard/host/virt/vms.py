@@ -83,9 +83,11 @@ class VmManager:
     """All VM operations of one host agent."""
 
     def __init__(self, libvirt_conn: LibvirtConnection, drives: DriveResolver, *,
-                 virt_type: str) -> None:
+                 virt_type: str, release: Callable[[str], None] = lambda vm_id: None) -> None:
         self.libvirt = libvirt_conn
         self.drives = drives
+        # Drops a VM's holds on image volumes when it stops or leaves this host.
+        self.release = release
         self.virt_type = virt_type
         self.locks = KeyedLocks()
         self.migrating: dict[str, Any] = {}
@@ -132,6 +134,7 @@ class VmManager:
             try:
                 dom = self.libvirt.call(lambda c: c.createXML(xml, 0))
             except libvirt.libvirtError as exc:
+                self.release(vm_id)
                 raise VmCreateError(f"libvirt refused the VM: {exc.get_error_message()}",
                                     vmId=vm_id) from None
             log.info("VM %s (%s) started with %d disks", vm_id, domain.name, len(domain.disks))
@@ -147,10 +150,11 @@ class VmManager:
         invisible: list[str] = []
         for device in devices:
             try:
-                disks.append(DomainDisk(device, self.drives.resolve(device)))
+                disks.append(DomainDisk(device, self.drives.resolve(device, vm_id)))
             except DriveNotVisibleError as exc:
                 invisible.append(exc.what)
         if invisible:
+            self.release(vm_id)
             raise VmCreateError(f"not visible on this host: {', '.join(invisible)}",
                                 vmId=vm_id, invisible=invisible)
         kernel = params.get("kernel")
@@ -173,6 +177,7 @@ class VmManager:
             except libvirt.libvirtError:
                 dom.destroy()
         self.with_vm(vm_id, off)
+        self.release(vm_id)
         log.info("VM %s destroyed", vm_id)
 
     def shutdown(self, vm_id: str, *, timeout: float, force: bool) -> str:
@@ -189,6 +194,7 @@ class VmManager:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.libvirt.lookup(vm_id) is None:
+                self.release(vm_id)
                 return "Down"
             time.sleep(0.1)
         if force:

@@ -1,0 +1,370 @@
+"""CD-ROM media on block storage: load, eject and change atomically, and recover after a crash.
+
+``change_cd`` follows the design page, step by step, each step a named fault point:
+
+1. ``marked``: our metadata records the change in flight (``loading`` + the new PDIV, or
+   ``ejecting``) before anything else happens;
+2. ``prepared``: the new volume is prepared for this VM's drive (a reference per VM and drive);
+3. ``ejected``: when one medium replaces another, the tray is opened first (the guest sees a
+   real media change, and libvirt would not see two slices of one LUN as different media);
+4. ``updated``: libvirt changes the media (the live ``<address>`` repeated, as it requires);
+5. ``applied``: the metadata takes the new PDIV (or the empty tray) and drops the change;
+6. ``torn-down``: the old volume is released by this drive (it stays prepared while another VM
+   uses it).
+
+On any failure before 5 the old CD goes back into the drive and the new volume is released.
+After a crash, :func:`reconcile` — run when the agent starts — trusts what the drive really
+holds (the live XML): a load whose tray was left open is finished (the new volume is already
+prepared), a load that happened is applied, anything else is discarded; then prepared volumes
+and drives are made to agree: every prepared volume is held by a CD (or disk) that uses it, and
+every CD's volume is prepared. That also covers a crash between the libvirt update and the
+metadata update in either order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+import libvirt
+
+from virtyard.host.rpc.errors import (
+    ChangeDiskError,
+    HostError,
+    ImageFileNotFoundError,
+    InvalidParamsError,
+)
+from virtyard.host.storage.block_domain import Pdiv as StoragePdiv
+from virtyard.host.storage.volumes import PreparedVolume
+from virtyard.host.virt.domain_xml import (
+    BlockSource,
+    DomainDisk,
+    FileSource,
+    IscsiSource,
+    Source,
+    StorageSlice,
+    drive_name,
+)
+from virtyard.host.virt.metadata import CdChange, Pdiv, VmMetadata
+from virtyard.host.virt.vms import VmSnapshot
+
+if TYPE_CHECKING:
+    from virtyard.host.agent import HostAgent
+
+log = logging.getLogger("virtyard.host.virt.cdrom")
+
+FAULT_EXIT = 97
+
+
+def fault_point(agent: HostAgent, step: str) -> None:
+    """Die here if the configuration asks for it (``[debug] die_at``): crash tests."""
+    if agent.config.debug.die_at == f"changecd:{step}":
+        log.critical("fault injection: dying at changecd:%s", step)
+        logging.shutdown()
+        os._exit(FAULT_EXIT)
+
+
+def drive_user(vm_id: str, drive: str) -> str:
+    """Who holds a prepared volume: one VM's one drive."""
+    return f"{vm_id}:{drive}"
+
+
+def _key(pdiv: Pdiv | None) -> str | None:
+    return None if pdiv is None else StoragePdiv.of(pdiv).key
+
+
+def source_of(agent: HostAgent, prepared: PreparedVolume) -> Source:
+    """The libvirt source through which QEMU reads a prepared volume."""
+    slice_ = (StorageSlice(prepared.offset, prepared.size)
+              if prepared.offset is not None else None)
+    if prepared.disk_type == "network":
+        usage = None
+        if prepared.chap_user:
+            connection = agent.connections.get(prepared.connection_id)
+            if connection is None or connection.chap is None:
+                raise ImageFileNotFoundError(f"no CHAP connection {prepared.connection_id} "
+                                             "for the volume's LUN")
+            usage = agent.drives.ensure_chap_secret(connection)
+        return IscsiSource(prepared.host, prepared.port, prepared.iqn, prepared.lun,
+                           auth_user=prepared.chap_user or None, secret_usage=usage,
+                           slice=slice_)
+    return BlockSource(prepared.path, slice=slice_)
+
+
+def _same_media(live: Source | None, wanted: Source | None) -> bool:
+    if live is None or wanted is None:
+        return live is wanted
+    if isinstance(live, IscsiSource) and isinstance(wanted, IscsiSource):
+        return (live.host, live.port, live.iqn, live.lun, live.slice) == (
+            wanted.host, wanted.port, wanted.iqn, wanted.lun, wanted.slice)
+    if isinstance(live, BlockSource | FileSource) and isinstance(wanted, BlockSource):
+        return (live.path, live.slice) == (wanted.path, wanted.slice)
+    return False
+
+
+def _cd_disk(snap: VmSnapshot, iface: str, index: int) -> DomainDisk:
+    try:
+        name = drive_name(iface, index)
+        disk = snap.domain.disk(name)
+    except (KeyError, ValueError):
+        raise InvalidParamsError(f"invalid parameter 'driveSpec': VM {snap.vm_id} has no drive "
+                                 f"{iface} {index}", reason="no_such_drive") from None
+    if disk.device.device != "cdrom":
+        raise InvalidParamsError(f"invalid parameter 'driveSpec': {name} is a "
+                                 f"{disk.device.device}, not a CD-ROM", reason="not_a_cdrom")
+    return disk
+
+
+def _update(dom: libvirt.virDomain, disk: DomainDisk) -> None:
+    xml = disk.to_xml()
+    try:
+        dom.updateDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    except libvirt.libvirtError:
+        # A guest that locked the tray: libvirt's force flag ejects it anyway.
+        dom.updateDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE
+                              | libvirt.VIR_DOMAIN_DEVICE_MODIFY_FORCE)
+
+
+def change_cd(agent: HostAgent, vm_id: str, pdiv: Pdiv | None, iface: str,
+              index: int) -> VmSnapshot:
+    """Load ``pdiv`` into (or, with ``None``, eject) the VM's CD drive ``iface``/``index``."""
+    vms = agent.vms
+    with vms.locks.hold([vm_id]):
+        dom = vms.domain(vm_id)
+        snap = vms.snapshot(dom)
+        cd = _cd_disk(snap, iface, index)
+        user = drive_user(vm_id, cd.name)
+        entry = snap.metadata.device(cd.name)
+        old = entry.pdiv
+        if entry.change is not None:  # a crashed change not yet recovered: settle it first
+            reconcile_vm(agent, dom)
+            snap = vms.snapshot(dom)
+            entry = snap.metadata.device(cd.name)
+            old = entry.pdiv
+        change = CdChange("loading", pdiv) if pdiv is not None else CdChange("ejecting")
+        marked = snap.metadata.with_device(cd.name, entry.begin_change(change))
+        vms.write_metadata(dom, marked)
+        fault_point(agent, "marked")
+
+        source: Source | None = None
+        if pdiv is not None:
+            try:
+                source = source_of(agent, agent.volumes.prepare(pdiv, user, iso=True))
+            except Exception as exc:
+                _undo(agent, dom, marked, cd.name, new=None, user=user)
+                if isinstance(exc, HostError):
+                    raise
+                raise ImageFileNotFoundError(f"cannot prepare {pdiv}: {exc}") from None
+        fault_point(agent, "prepared")  # (an eject prepares nothing: the step is empty)
+        new_disk = DomainDisk(dataclasses.replace(cd.device, pdiv=pdiv), source)
+        try:
+            if cd.source is not None and source is not None:
+                # Open the tray first: the guest then sees a real media change (and libvirt
+                # would take two slices of one LUN for the same medium and change nothing).
+                _update(dom, DomainDisk(dataclasses.replace(cd.device, pdiv=None), None))
+        except libvirt.libvirtError as exc:
+            _undo(agent, dom, marked, cd.name, new=pdiv, user=user)
+            raise ChangeDiskError(f"libvirt refused to eject {cd.name}: "
+                                  f"{exc.get_error_message()}", vmId=vm_id) from None
+        fault_point(agent, "ejected")
+        try:
+            _update(dom, new_disk)
+        except libvirt.libvirtError as exc:
+            _reinsert(dom, cd)
+            _undo(agent, dom, marked, cd.name, new=pdiv, user=user)
+            raise ChangeDiskError(f"libvirt refused the media change of {cd.name}: "
+                                  f"{exc.get_error_message()}", vmId=vm_id) from None
+        fault_point(agent, "updated")
+
+        applied = marked.with_device(cd.name, marked.device(cd.name).apply_change())
+        try:
+            vms.write_metadata(dom, applied.next_generation())
+        except libvirt.libvirtError as exc:  # the drive holds the new media: recovery applies
+            log.warning("VM %s: metadata of %s not updated (recovery will): %s", vm_id,
+                        cd.name, exc)
+        fault_point(agent, "applied")
+
+        if old is not None and _key(old) != _key(pdiv):
+            try:
+                agent.volumes.teardown(old, user)
+            except Exception as exc:  # the media changed; the next reconcile retries
+                log.warning("VM %s: releasing old CD %s failed: %s", vm_id, old, exc)
+        fault_point(agent, "torn-down")
+        log.info("VM %s: %s now holds %s", vm_id, cd.name, pdiv or "no medium")
+        return vms.snapshot(dom)
+
+
+def _reinsert(dom: libvirt.virDomain, old: DomainDisk) -> None:
+    """Put the old medium back after a failed insert (it may already be there)."""
+    try:
+        _update(dom, old)
+    except libvirt.libvirtError as exc:
+        log.warning("putting the old medium back into %s failed: %s", old.name, exc)
+
+
+def _undo(agent: HostAgent, dom: libvirt.virDomain, marked: VmMetadata, name: str, *,
+          new: Pdiv | None, user: str) -> None:
+    """The change did not happen: release the new volume, forget the change."""
+    if new is not None:
+        current = marked.device(name).pdiv
+        if _key(current) != _key(new):
+            try:
+                agent.volumes.teardown(new, user)
+            except Exception as exc:
+                log.warning("releasing %s after a failed change failed: %s", new, exc)
+    try:
+        agent.vms.write_metadata(dom, marked.with_device(name, marked.device(name)
+                                                         .discard_change()))
+    except libvirt.libvirtError as exc:
+        log.warning("discarding the change of %s failed (recovery will): %s", name, exc)
+
+
+def change_cd_legacy(agent: HostAgent, vm_id: str, path: str, iface: str,
+                     index: int) -> VmSnapshot:
+    """The old form: a plain file path (or ``""`` to eject); no volume is prepared."""
+    vms = agent.vms
+    with vms.locks.hold([vm_id]):
+        dom = vms.domain(vm_id)
+        snap = vms.snapshot(dom)
+        cd = _cd_disk(snap, iface, index)
+        if path and not os.path.isfile(path):
+            raise ImageFileNotFoundError(f"no such image file {path}", path=path)
+        old = snap.metadata.device(cd.name).pdiv
+        new_disk = DomainDisk(dataclasses.replace(cd.device, pdiv=None),
+                              FileSource(path) if path else None)
+        try:
+            _update(dom, new_disk)
+        except libvirt.libvirtError as exc:
+            raise ChangeDiskError(f"libvirt refused the media change of {cd.name}: "
+                                  f"{exc.get_error_message()}", vmId=vm_id) from None
+        entry = dataclasses.replace(snap.metadata.device(cd.name), pdiv=None, change=None)
+        vms.write_metadata(dom, snap.metadata.with_device(cd.name, entry).next_generation())
+        if old is not None:
+            try:
+                agent.volumes.teardown(old, drive_user(vm_id, cd.name))
+            except Exception as exc:
+                log.warning("VM %s: releasing old CD %s failed: %s", vm_id, old, exc)
+        return vms.snapshot(dom)
+
+
+# -- recovery -----------------------------------------------------------------------------------
+
+def _actual_pdiv(agent: HostAgent, vm_id: str, disk: DomainDisk,
+                 candidates: list[Pdiv | None]) -> Pdiv | None:
+    """Which volume the drive really holds (the live source), among ``candidates`` and every
+    volume prepared for this drive; ``None`` for an empty tray or a plain file."""
+    live = disk.source
+    if live is None or isinstance(live, FileSource):
+        return None
+    user = drive_user(vm_id, disk.name)
+    seen: set[str] = set()
+    options = [c for c in candidates if c is not None]
+    options += [Pdiv(p.pdiv.pool_id, p.pdiv.domain_id, p.pdiv.image_id, p.pdiv.volume_id)
+                for p in agent.volumes.prepared() if user in p.users]
+    for pdiv in options:
+        key = _key(pdiv)
+        if key in seen or key is None:
+            continue
+        seen.add(key)
+        prepared = next((p for p in agent.volumes.prepared() if p.pdiv.key == key), None)
+        borrowed = prepared is None
+        if prepared is None:
+            try:  # not prepared: take a reference to compare, released again if no match
+                prepared = agent.volumes.prepare(pdiv, user)
+            except Exception:
+                continue
+        if _same_media(live, source_of(agent, prepared)):
+            return pdiv
+        if borrowed:
+            agent.volumes.teardown(pdiv, user)
+    return None
+
+
+def _finish_load(agent: HostAgent, dom: libvirt.virDomain, vm_id: str, disk: DomainDisk,
+                 pdiv: Pdiv | None) -> Pdiv | None:
+    """A load that crashed with the tray open: insert the new medium (roll forward), so the
+    drive ends with the new CD, not with none."""
+    user = drive_user(vm_id, disk.name)
+    if pdiv is None or not any(p.pdiv.key == _key(pdiv) and user in p.users
+                               for p in agent.volumes.prepared()):
+        return None  # crashed before the volume was prepared: nothing to insert
+    try:
+        source = source_of(agent, agent.volumes.prepare(pdiv, user, iso=True))
+        _update(dom, DomainDisk(dataclasses.replace(disk.device, pdiv=pdiv), source))
+    except Exception as exc:
+        log.warning("VM %s %s: finishing the interrupted load failed: %s", vm_id, disk.name, exc)
+        return None
+    log.info("VM %s %s: finished an interrupted load of %s", vm_id, disk.name, pdiv)
+    return pdiv
+
+
+def reconcile_vm(agent: HostAgent, dom: libvirt.virDomain) -> dict[str, Pdiv | None]:
+    """Settle every CD change in flight of one VM from what its drives really hold; returns
+    what each volume-backed drive holds. Caller holds the VM's lock."""
+    vms = agent.vms
+    snap = vms.snapshot(dom)
+    metadata = snap.metadata
+    holds: dict[str, Pdiv | None] = {}
+    for disk in snap.domain.disks:
+        entry = metadata.device(disk.name)
+        if disk.device.device != "cdrom":
+            if entry.pdiv is not None:
+                holds[disk.name] = entry.pdiv
+            continue
+        change = entry.change
+        actual = _actual_pdiv(agent, snap.vm_id, disk,
+                              [entry.pdiv, change.pdiv if change else None])
+        if change is not None and change.state == "loading" and actual is None \
+                and disk.source is None:
+            actual = _finish_load(agent, dom, snap.vm_id, disk, change.pdiv)
+        if change is not None:
+            done = (_key(actual) == _key(change.pdiv)) if change.state == "loading" \
+                else actual is None
+            log.info("VM %s %s: recovering a %s change: %s", snap.vm_id, disk.name,
+                     change.state, "it happened" if done else "it did not happen")
+            entry = entry.apply_change() if done else entry.discard_change()
+        if _key(entry.pdiv) != _key(actual):  # trust the drive over the record
+            entry = dataclasses.replace(entry, pdiv=actual)
+        metadata = metadata.with_device(disk.name, entry)
+        holds[disk.name] = actual
+    if metadata != snap.metadata:
+        vms.write_metadata(dom, metadata.next_generation())
+    return holds
+
+
+def reconcile(agent: HostAgent) -> dict[str, Any]:
+    """Make prepared volumes and drives agree on this host (agent start, after destroys and
+    migrations): settle in-flight CD changes, release every hold no running drive uses, and
+    take the hold every drive's volume needs. Returns what it did."""
+    expected: dict[str, str] = {}  # user -> PDIV key it should hold
+    wanted: dict[str, Pdiv] = {}
+    done: dict[str, Any] = {"settled_vms": 0, "released": [], "taken": []}
+    for dom in agent.vms.running():
+        vm_id = dom.UUIDString()
+        try:
+            with agent.vms.locks.hold([vm_id]):
+                holds = reconcile_vm(agent, dom)
+        except Exception as exc:  # the VM went away meanwhile, or libvirt failed: next time
+            log.warning("reconcile of VM %s skipped: %s", vm_id, exc)
+            continue
+        done["settled_vms"] += 1
+        for name, pdiv in holds.items():
+            if pdiv is not None:
+                user = drive_user(vm_id, name)
+                expected[user] = str(_key(pdiv))
+                wanted[user] = pdiv
+    for prepared in agent.volumes.prepared():
+        for user in prepared.users:
+            if expected.get(user) != prepared.pdiv.key:
+                agent.volumes.teardown(prepared.pdiv, user)
+                done["released"].append(f"{prepared.pdiv} by {user}")
+    held = {(u, p.pdiv.key) for p in agent.volumes.prepared() for u in p.users}
+    for user, key in expected.items():
+        if (user, key) not in held:
+            agent.volumes.prepare(wanted[user], user)
+            done["taken"].append(f"{wanted[user]} by {user}")
+    if done["released"] or done["taken"]:
+        log.info("volume reconcile: released %s; taken %s", done["released"], done["taken"])
+    return done
