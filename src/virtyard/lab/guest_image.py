@@ -7,7 +7,9 @@ and unpacked (``dpkg-deb -x``); busybox-static, udev and the shared libraries co
 
 The image is cached under ``cache_dir/<flavour>-<key>``, where the key hashes the exact package
 versions and :data:`RECIPE_VERSION`, so it is rebuilt only when one of those changes. A flavour
-adds files on top of the common base (see :class:`Flavour`); only ``tiny`` exists today.
+adds files on top of the common base (see :class:`Flavour`): ``tiny`` adds nothing, ``python``
+adds Debian's Python interpreter with the few standard-library modules our guest agent needs, and
+the agent itself, started by init on its virtio-serial port.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import hashlib
 import json
 import lzma
 import os
+import py_compile
 import shutil
 import stat
 import struct
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -336,18 +340,16 @@ class Flavour:
     """What a guest flavour adds to the common base image.
 
     ``host_packages`` are installed on the host and ``download_packages`` fetched from apt;
-    both count in the cache key. ``populate`` adds the flavour's files to the staged root.
+    both count in the cache key, as do the ``inputs`` (name -> content hash of files the flavour
+    copies from this tree, so editing them rebuilds the image). ``populate`` adds the flavour's
+    files to the staged root.
     """
 
     name: str
     host_packages: tuple[str, ...] = ()
     download_packages: tuple[str, ...] = ()
     populate: Callable[[Stage, BuildContext], None] | None = None
-
-
-FLAVOURS: dict[str, Flavour] = {
-    "tiny": Flavour("tiny"),
-}
+    inputs: Callable[[], dict[str, str]] | None = None
 
 
 # -- the staged root file system ------------------------------------------------------------------
@@ -624,6 +626,103 @@ def _group_file() -> str:
     return "\n".join([*lines, "nogroup:x:65534:"]) + "\n"
 
 
+# -- the python flavour: Debian's interpreter, a handful of stdlib modules, our guest agent -----
+
+PYTHON_VERSION = "3.11"
+PYTHON_PACKAGES = (f"python{PYTHON_VERSION}-minimal", f"libpython{PYTHON_VERSION}-minimal",
+                   f"libpython{PYTHON_VERSION}-stdlib")
+# The standard-library files the guest agent needs that Debian's interpreter has neither built
+# in nor frozen (found by running the agent under it with ``-I -S -X importtime``; the unit
+# tests check the agent's imports against this list). os.py is frozen, but the interpreter
+# finds its prefix by that landmark. _json is only a speed-up of json.
+PYTHON_STDLIB_FILES = (
+    "os.py", "__future__.py", "collections/__init__.py", "collections/abc.py", "copyreg.py",
+    "encodings/__init__.py", "encodings/aliases.py", "encodings/utf_8.py", "enum.py",
+    "functools.py", "json/__init__.py", "json/decoder.py", "json/encoder.py", "json/scanner.py",
+    "keyword.py", "operator.py", "re/__init__.py", "re/_casefix.py", "re/_compiler.py",
+    "re/_constants.py", "re/_parser.py", "reprlib.py", "selectors.py", "socket.py", "types.py",
+    "lib-dynload/_json.cpython-311-x86_64-linux-gnu.so",
+)
+# Shared libraries of the interpreter (ldd) that libc6 does not bring.
+PYTHON_HOST_PACKAGES = ("libexpat1", "zlib1g")
+
+GUEST_AGENT_SOURCE = Path(__file__).resolve().parent.parent / "guest" / "agent.py"
+GUEST_AGENT_PATH = "/usr/lib/virtyard/guest_agent.py"
+GUEST_AGENT_PORT = "/dev/virtio-ports/org.virtyard.guest_agent.0"
+GUEST_AGENT_LOG = "/run/virtyard-guest-agent.log"
+
+_GUEST_AGENT_LOOP = f"""#!/bin/sh
+# Keep the virtyard guest agent on its virtio-serial port, restarting it should it die.
+export PATH={_PATH}
+while :; do
+    if [ -e {GUEST_AGENT_PORT} ]; then
+        /usr/bin/python3 -I -S {GUEST_AGENT_PATH} --port {GUEST_AGENT_PORT} >>{GUEST_AGENT_LOG} 2>&1
+    fi
+    sleep 1
+done
+"""
+# busybox init starts respawn entries once the sysinit script (rcS: modules, udev) is done.
+_GUEST_AGENT_INITTAB = "::respawn:/usr/lib/virtyard/guest-agent-loop\n"
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _python_inputs() -> dict[str, str]:
+    """The agent's content and this recipe count in the python image's cache key."""
+    recipe = json.dumps([PYTHON_STDLIB_FILES, _GUEST_AGENT_LOOP, _GUEST_AGENT_INITTAB])
+    return {"virtyard-guest-agent": _file_hash(GUEST_AGENT_SOURCE),
+            "virtyard-python-recipe": hashlib.sha256(recipe.encode()).hexdigest()[:16]}
+
+
+def _populate_python(stage: Stage, ctx: BuildContext) -> None:
+    """Interpreter, the stdlib files the agent needs (with bytecode), the agent, its start."""
+    interpreter = ctx.unpacked[PYTHON_PACKAGES[0]] / f"usr/bin/python{PYTHON_VERSION}"
+    if not interpreter.is_file():
+        raise GuestBuildError(f"{PYTHON_PACKAGES[0]} has no {interpreter.name}")
+    stage.add_binary(interpreter, f"/usr/bin/python{PYTHON_VERSION}")
+    stage.add_symlink("/usr/bin/python3", f"python{PYTHON_VERSION}")
+    libdir = f"/usr/lib/python{PYTHON_VERSION}"
+    roots = [ctx.unpacked[name] / libdir.lstrip("/") for name in PYTHON_PACKAGES]
+    for rel in PYTHON_STDLIB_FILES:
+        src = next((root / rel for root in roots if (root / rel).is_file()), None)
+        if src is None:
+            raise GuestBuildError(f"no {libdir}/{rel} in {', '.join(PYTHON_PACKAGES)}")
+        if rel.endswith(".so"):
+            stage.add_binary(src, f"{libdir}/{rel}")
+        else:
+            stage.add_file(src, f"{libdir}/{rel}", 0o644)
+            _compile(stage, f"{libdir}/{rel}")
+    stage.add_file(GUEST_AGENT_SOURCE, GUEST_AGENT_PATH, 0o755)
+    stage.add_text("/usr/lib/virtyard/guest-agent-loop", _GUEST_AGENT_LOOP, 0o755)
+    inittab = stage.path("/etc/inittab")
+    inittab.write_text(inittab.read_text() + _GUEST_AGENT_INITTAB)
+
+
+def _compile(stage: Stage, guest_path: str) -> None:
+    """Bytecode beside a module, so the guest (often under TCG) does not compile at boot.
+
+    Unchecked-hash pycs stay valid whatever the file times in the initramfs; only a host
+    Python of the guest's version writes bytecode the guest can load.
+    """
+    if f"{sys.version_info[0]}.{sys.version_info[1]}" != PYTHON_VERSION:
+        return
+    src = stage.path(guest_path)
+    tag = sys.implementation.cache_tag
+    cfile = src.parent / "__pycache__" / f"{src.name.removesuffix('.py')}.{tag}.pyc"
+    py_compile.compile(str(src), cfile=str(cfile), dfile=guest_path, doraise=True,
+                       invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+
+
+FLAVOURS: dict[str, Flavour] = {
+    "tiny": Flavour("tiny"),
+    "python": Flavour("python", host_packages=PYTHON_HOST_PACKAGES,
+                      download_packages=PYTHON_PACKAGES, populate=_populate_python,
+                      inputs=_python_inputs),
+}
+
+
 # -- the build ------------------------------------------------------------------------------------
 
 
@@ -784,6 +883,8 @@ def resolve_packages(flavour: Flavour) -> tuple[dict[str, str], dict[str, str], 
     kernel_package = next(name for name in downloads if name.startswith("linux-image-"))
     packages = dict(downloads)
     packages.update(installed_versions([*BASE_HOST_PACKAGES, *flavour.host_packages]))
+    if flavour.inputs is not None:
+        packages.update(flavour.inputs())
     return packages, downloads, kernel_package
 
 

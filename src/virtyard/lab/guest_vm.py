@@ -5,6 +5,7 @@ Only the lab and its tests use this; the host agent builds its own domain XML fr
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from lxml import etree
@@ -13,6 +14,7 @@ from virtyard.lab.guest_image import DEFAULT_CMDLINE, GuestImage
 
 QEMU_BINARY = "/usr/bin/qemu-system-x86_64"
 GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
+VIRTYARD_AGENT_CHANNEL = "org.virtyard.guest_agent.0"
 
 
 def _sub(parent: etree._Element, tag: str, text: str | None = None,
@@ -32,9 +34,14 @@ def tiny_guest_xml(
     console_log: Path,
     memory_mib: int = 256,
     vcpus: int = 1,
+    channels: Mapping[str, Path] | None = None,
 ) -> str:
     """A persistent-definable domain that boots ``image`` with a virtio-scsi controller,
-    a virtio-serial guest-agent channel and the serial console written to ``console_log``."""
+    a virtio-serial guest-agent channel and the serial console written to ``console_log``.
+
+    ``channels`` adds virtio-serial channels ``{name: socket path}`` on which QEMU listens, so
+    a test can hold the host end itself (e.g. our guest agent's ``VIRTYARD_AGENT_CHANNEL``).
+    """
     domain = etree.Element("domain", type="kvm" if accelerator == "kvm" else "qemu")
     _sub(domain, "name", name)
     _sub(domain, "uuid", uuid)
@@ -56,6 +63,10 @@ def tiny_guest_xml(
     _sub(devices, "controller", type="virtio-serial", index="0")
     channel = _sub(devices, "channel", type="unix")
     _sub(channel, "target", type="virtio", name=GUEST_AGENT_CHANNEL)
+    for channel_name, path in (channels or {}).items():
+        extra = _sub(devices, "channel", type="unix")
+        _sub(extra, "source", mode="bind", path=str(path))
+        _sub(extra, "target", type="virtio", name=channel_name)
     serial = _sub(devices, "serial", type="file")
     _sub(serial, "source", path=str(console_log), append="on")
     _sub(serial, "target", port="0")
