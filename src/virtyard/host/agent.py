@@ -14,6 +14,7 @@ from virtyard.host.storage.userspace_initiator import UserspaceInitiator
 from virtyard.host.storage.volumes import VolumeService
 from virtyard.host.virt.domain_xml import DiskDevice, Source
 from virtyard.host.virt.drives import DriveNotVisibleError, DriveResolver
+from virtyard.host.virt.guest_names import GuestNames
 from virtyard.host.virt.libvirt_conn import LibvirtConnection
 from virtyard.host.virt.migration import Migrations
 from virtyard.host.virt.vms import VmManager
@@ -49,6 +50,9 @@ class HostAgent:
         self.vms = VmManager(self.libvirt, self.drives, virt_type=virt_type(config),
                              release=self.release_volumes)
         self.migrations = Migrations(self.vms, config)
+        self.guest_names = GuestNames(self.vms, config.state_dir / "ch")
+        self.vms.channels = self.guest_names.channels
+        self.vms.devices_changed = self.guest_names.poke
 
     def recover(self) -> None:
         """At agent start: undo what a crash left half-done (LUN attachments, activations) and
@@ -60,6 +64,7 @@ class HostAgent:
             log.info("recovery: %s", reconcile(self))
         except Exception:  # libvirt or storage unreachable now: the agent still serves
             log.exception("recovery at start failed; it runs again at the next start")
+        self.guest_names.start()
 
     @property
     def migration_uri(self) -> str:

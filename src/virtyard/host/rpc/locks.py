@@ -30,13 +30,17 @@ class KeyedLocks:
                 self._locks[key] = (lock, users - 1)
 
     @contextmanager
-    def hold(self, keys: list[str]) -> Iterator[None]:
-        """Hold every lock in ``keys`` for the duration of the ``with`` block."""
+    def hold(self, keys: list[str], *, timeout: float | None = None) -> Iterator[None]:
+        """Hold every lock in ``keys`` for the duration of the ``with`` block; with a
+        ``timeout``, :class:`TimeoutError` when one cannot be had in time (nothing held)."""
         ordered = sorted(set(keys))
         taken: list[str] = []
         try:
             for key in ordered:
-                self._get(key).acquire()
+                lock = self._get(key)
+                if not lock.acquire(timeout=-1 if timeout is None else timeout):
+                    self._put(key)
+                    raise TimeoutError(f"{key} is busy")
                 taken.append(key)
             yield
         finally:

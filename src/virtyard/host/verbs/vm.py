@@ -41,6 +41,8 @@ class VmStats(BaseModel):
     vmName: str
     status: str
     hash: str
+    guestDiskMapping: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="{guest serial: {name: /dev/...}} as reported")
 
 
 class VmDefinition(BaseModel):
@@ -53,8 +55,9 @@ class VmDefinition(BaseModel):
     devices: list[dict[str, Any]]
 
 
-def stats_of(snap: VmSnapshot | VmStatsView) -> VmStats:
-    return VmStats(vmId=snap.vm_id, vmName=snap.name, status=snap.status, hash=snap.hash)
+def stats_of(agent: HostAgent, snap: VmSnapshot | VmStatsView) -> VmStats:
+    return VmStats(vmId=snap.vm_id, vmName=snap.name, status=snap.status, hash=snap.hash,
+                   guestDiskMapping=agent.guest_names.guest_disk_mapping(snap.vm_id))
 
 
 def definition_of(snap: VmSnapshot) -> VmDefinition:
@@ -133,7 +136,7 @@ def vm_shutdown(agent: HostAgent, p: ShutdownParams) -> ShutdownResult:
 @SCHEMA.verb("VM.getStats", params=VmIdParams, result=list[VmStats], errors=(NoSuchVmError,))
 def vm_get_stats(agent: HostAgent, p: VmIdParams) -> list[VmStats]:
     """The VM's status and change hash (a list of one, as oVirt returns it)."""
-    return [stats_of(agent.vms.stats(agent.vms.domain(p.vmID)))]
+    return [stats_of(agent, agent.vms.stats(agent.vms.domain(p.vmID)))]
 
 
 @SCHEMA.verb("Host.getAllVmStats", params=NoParams, result=list[VmStats])
@@ -142,7 +145,7 @@ def host_get_all_vm_stats(agent: HostAgent, p: NoParams) -> list[VmStats]:
     out = []
     for dom in agent.vms.running():
         try:
-            out.append(stats_of(agent.vms.stats(dom)))
+            out.append(stats_of(agent, agent.vms.stats(dom)))
         except Exception:  # gone between list and read (destroyed, migrated away)
             continue
     return out

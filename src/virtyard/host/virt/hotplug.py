@@ -50,6 +50,7 @@ def hotplug_disk(manager: VmManager, vm_id: str, drive: dict[str, Any]) -> VmSna
             raise HotplugDiskError(f"libvirt refused to plug {disk.name}: "
                                    f"{exc.get_error_message()}", vmId=vm_id) from None
         log.info("VM %s: plugged %s (%s)", vm_id, disk.name, disk.guid or disk.pdiv)
+        manager.devices_changed(vm_id)
         return manager.snapshot(dom)
 
 
@@ -98,4 +99,5 @@ def hotunplug_disk(manager: VmManager, vm_id: str, drive: dict[str, Any], *,
             time.sleep(0.05)
         manager.write_metadata(dom, now.metadata.with_device(disk.name, None).next_generation())
         log.info("VM %s: unplugged %s", vm_id, disk.name)
+        manager.devices_changed(vm_id)
         return manager.snapshot(dom)

@@ -69,6 +69,7 @@ def prepare_incoming(manager: VmManager, xml: str) -> str:
         raise VmCreateError(f"VM {domain.uuid} already exists on the destination",
                             vmId=domain.uuid)
     domain.disks = disks
+    domain.channels = manager.channels(domain.uuid)  # this host's socket paths
     return domain.to_xml()
 
 

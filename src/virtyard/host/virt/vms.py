@@ -19,6 +19,8 @@ import libvirt
 from virtyard.host.rpc.errors import NoSuchVmError, VmCreateError, VmExistsError
 from virtyard.host.rpc.locks import KeyedLocks
 from virtyard.host.virt.domain_xml import (
+    QEMU_GA_CHANNEL,
+    Channel,
     Domain,
     DomainDisk,
     DomainXmlError,
@@ -86,6 +88,10 @@ class VmManager:
                  virt_type: str, release: Callable[[str], None] = lambda vm_id: None) -> None:
         self.libvirt = libvirt_conn
         self.drives = drives
+        # The guest-agent channels a VM gets on this host (set by the agent: paths it follows).
+        self.channels: Callable[[str], list[Channel]] = lambda vm_id: [Channel(QEMU_GA_CHANNEL)]
+        # Told after every device change (the guest names service asks the guest again).
+        self.devices_changed: Callable[[str], None] = lambda vm_id: None
         # Drops a VM's holds on image volumes when it stops or leaves this host.
         self.release = release
         self.virt_type = virt_type
@@ -165,7 +171,8 @@ class VmManager:
                 virt_type="kvm" if self.virt_type == "kvm" else "qemu",
                 kernel_boot=KernelBoot(kernel, params.get("initrd"), params.get("kernelArgs"))
                 if kernel else None,
-                disks=disks, console_log=params.get("consoleLog"))
+                disks=disks, channels=self.channels(vm_id),
+                console_log=params.get("consoleLog"))
         except DomainXmlError as exc:
             raise VmCreateError(str(exc), vmId=vm_id) from None
 
