@@ -22,31 +22,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
-import uuid
-from pathlib import Path
-from typing import Any
 
 import libvirt
+from benchlab import bench_lab, vm_params, wwid
 
 from virtyard.host.virt.domain_xml import DiskDevice, DomainDisk, IscsiSource
 from virtyard.lab import qga
-from virtyard.lab.guest_image import DEFAULT_CMDLINE
-from virtyard.lab.lab import Lab, LabConfig
 
 PORT_BASE = 43000
-
-
-def wwid(tid: int, lun: int) -> str:
-    return f"360000000000000000e000000{tid:04x}{lun:04x}"
-
-
-def vm_params(lab: Lab, name: str) -> dict[str, Any]:
-    image = lab.guest_image
-    return {"vmId": str(uuid.uuid4()), "vmName": name, "memSize": 192,
-            "kernel": str(image.kernel), "initrd": str(image.initrd),
-            "kernelArgs": DEFAULT_CMDLINE, "devices": []}
 
 
 def wait_gone(dom: libvirt.virDomain, dev: str) -> None:
@@ -62,11 +46,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--guests", type=int, default=8)
     args = parser.parse_args()
-    state = Path(tempfile.mkdtemp(prefix="vy-bench-", dir="/tmp"))
-    config = LabConfig.test(state).with_port_base(PORT_BASE)
-    lab = Lab(LabConfig(**{**config.__dict__, "host_count": 1}))
-    try:
-        lab.up()
+    with bench_lab(PORT_BASE) as lab:
         target = lab.storage.create_target("bench", [16 << 20, 16 << 20])
         client = lab.agent_client(0)
         client.call("StoragePool.connectStorageServer", {"domainType": 3, "connectionParams": [
@@ -114,8 +94,6 @@ def main() -> None:
         print(f"Host.getAllVmStats, {args.guests} VMs  median {t * 1000:7.1f} ms  "
               f"({t * 1000 / args.guests:.2f} ms per VM)")
         client.close()
-    finally:
-        lab.down()
 
 
 if __name__ == "__main__":
