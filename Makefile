@@ -28,6 +28,7 @@ demo: venv
 	@echo "  $(BIN)/virtyard-hostctl Host.getDeviceList"
 	@echo "  $(BIN)/virtyard-hostctl Host.getVMFullList"
 	@echo "  $(BIN)/virtyard-hostctl VM.getStats vmID=\$$VIRTYARD_DEMO_VM"
+	@echo "  (loading the demo ISO into the demo VM's CD-ROM: see README, \"The demo\")"
 	@echo "stop everything with: make demo-down"
 
 demo-down:

@@ -1,10 +1,17 @@
-"""What ``make demo`` sets up on top of the lab: a demo target, agents connected to it, and a
-demo VM (the tiny guest) with one LUN as a direct LUN disk. Idempotent: run it again and it
-finds what is there."""
+"""What ``make demo`` sets up on top of the lab: a demo target, agents connected to it, a
+block storage domain on its third LUN holding one small ISO (a text file inside), and a demo
+VM (the tiny guest) with the first LUN as a direct LUN disk and an empty CD-ROM. Idempotent:
+run it again and it finds what is there."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
+import subprocess
+import tempfile
 import uuid
+from pathlib import Path
 from typing import Any
 
 from virtyard.host.client import HostCallError
@@ -14,6 +21,43 @@ from virtyard.lab.lab import Lab
 DEMO_TARGET = "demo"
 DEMO_CONNECTION = "demo"
 DEMO_LUN_SIZES = [1 << 30, 1 << 30, 512 << 20]
+DEMO_POOL = "00000000-0000-4000-8000-00000000d0d0"
+DEMO_README = "Hello from Virtyard: this CD lives on an LVM volume on a SAN LUN.\n"
+
+
+def _demo_iso() -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "src"
+        src.mkdir()
+        (src / "README.txt").write_text(DEMO_README)
+        out = Path(tmp) / "demo.iso"
+        subprocess.run(["genisoimage", "-quiet", "-V", "VYDEMO", "-r", "-o", str(out),
+                        str(src)], check=True)
+        return out.read_bytes()
+
+
+def _iso_domain(lab: Lab, tid: int) -> dict[str, str]:
+    """A block storage domain on LUN 3 with the demo ISO; its PDIV."""
+    ids = {name: str(uuid.uuid5(uuid.NAMESPACE_URL, f"virtyard-demo-{name}:{lab.state_dir}"))
+           for name in ("domain", "image", "volume")}
+    pdiv = {"poolID": DEMO_POOL, "domainID": ids["domain"], "imageID": ids["image"],
+            "volumeID": ids["volume"]}
+    with lab.agent_client(0) as client:
+        domains = {d["domainID"] for d in client.call("StorageDomain.list", {})}
+        if ids["domain"] not in domains:
+            client.call("StorageDomain.create", {"domainID": ids["domain"],
+                                                 "guid": demo_wwid(tid, 3), "name": "demo-isos"})
+        volumes = {v["volumeID"]: v for v in client.call("Volume.list",
+                                                         {"domainID": ids["domain"]})}
+        if volumes.get(ids["volume"], {}).get("state") != "READY":
+            data = _demo_iso()
+            if ids["volume"] not in volumes:
+                client.call("Volume.create", {**pdiv, "size": len(data), "type": "ISO"})
+            client.call("Volume.write", {**pdiv, "offset": 0,
+                                         "data": base64.b64encode(data).decode()})
+            client.call("Volume.verify", {**pdiv, "size": len(data),
+                                          "sha256": hashlib.sha256(data).hexdigest()})
+    return pdiv
 
 
 def demo_wwid(tid: int, lun: int) -> str:
@@ -35,6 +79,7 @@ def set_up(lab: Lab) -> dict[str, str]:
                     "Host.getDeviceList", {"checkStatus": False, "refresh": False})):
                 client.call("StoragePool.connectStorageServer",
                             {"domainType": 3, "connectionParams": [connection]})
+    iso = _iso_domain(lab, target.tid)
     with lab.agent_client(0) as client:
         running = {s["vmId"] for s in client.call("Host.getAllVmStats", {})}
         if vm_id not in running:
@@ -46,10 +91,12 @@ def set_up(lab: Lab) -> dict[str, str]:
                 "consoleLog": str(lab.console_dir / "demo.log"),
                 "devices": [{"type": "disk", "device": "disk", "iface": "scsi", "index": 0,
                              "GUID": demo_wwid(target.tid, 1), "format": "raw",
-                             "serial": "demo-lun1", "diskId": "demo-lun1"}]}
+                             "serial": "demo-lun1", "diskId": "demo-lun1"},
+                            {"type": "disk", "device": "cdrom", "iface": "scsi", "index": 2}]}
             try:
                 client.call("VM.create", {"vmParams": params})
             except HostCallError as exc:
                 if exc.code != 4:  # already exists (e.g. on another host after a migration)
                     raise
-    return {"VIRTYARD_DEMO_VM": vm_id, "VIRTYARD_DEMO_TARGET": target.iqn}
+    return {"VIRTYARD_DEMO_VM": vm_id, "VIRTYARD_DEMO_TARGET": target.iqn,
+            "VIRTYARD_DEMO_ISO": json.dumps(iso)}
