@@ -172,8 +172,12 @@ def change_cd(agent: HostAgent, vm_id: str, pdiv: Pdiv | None, iface: str,
         try:
             _update(dom, new_disk)
         except libvirt.libvirtError as exc:
-            _reinsert(dom, cd)
+            back = _reinsert(dom, cd)
             _undo(agent, dom, marked, cd.name, new=pdiv, user=user)
+            if not back:  # the drive stays empty: record and holds must say so now
+                reconcile_vm(agent, dom)
+                if old is not None:
+                    _release(agent, old, user)
             raise ChangeDiskError(f"libvirt refused the media change of {cd.name}: "
                                   f"{exc.get_error_message()}", vmId=vm_id) from None
         fault_point(agent, "updated")
@@ -187,21 +191,29 @@ def change_cd(agent: HostAgent, vm_id: str, pdiv: Pdiv | None, iface: str,
         fault_point(agent, "applied")
 
         if old is not None and _key(old) != _key(pdiv):
-            try:
-                agent.volumes.teardown(old, user)
-            except Exception as exc:  # the media changed; the next reconcile retries
-                log.warning("VM %s: releasing old CD %s failed: %s", vm_id, old, exc)
+            _release(agent, old, user)  # (on failure the next reconcile retries)
         fault_point(agent, "torn-down")
         log.info("VM %s: %s now holds %s", vm_id, cd.name, pdiv or "no medium")
         return vms.snapshot(dom)
 
 
-def _reinsert(dom: libvirt.virDomain, old: DomainDisk) -> None:
-    """Put the old medium back after a failed insert (it may already be there)."""
+def _reinsert(dom: libvirt.virDomain, old: DomainDisk) -> bool:
+    """Put the old medium back after a failed insert; whether the drive holds it again."""
+    if old.source is None:
+        return True  # the tray was empty before: nothing to put back
     try:
         _update(dom, old)
     except libvirt.libvirtError as exc:
         log.warning("putting the old medium back into %s failed: %s", old.name, exc)
+        return False
+    return True
+
+
+def _release(agent: HostAgent, pdiv: Pdiv, user: str) -> None:
+    try:
+        agent.volumes.teardown(pdiv, user)
+    except Exception as exc:  # the next reconcile retries
+        log.warning("releasing %s for %s failed: %s", pdiv, user, exc)
 
 
 def _undo(agent: HostAgent, dom: libvirt.virDomain, marked: VmMetadata, name: str, *,
