@@ -301,3 +301,20 @@ def test_agent_killed_at_every_step_recovers(lab: Lab, iso_domain: IsoDomain,
         assert reads == old_sha
     with lab.agent_client(0) as client:
         change(client, vm_id, None)
+
+
+def test_legacy_path_form_still_works(lab: Lab, host_client: HostClient,
+                                      cd_vm: Callable[..., str], tmp_path: Path) -> None:
+    """The old driveSpec form {path, iface, index}: a plain ISO file, nothing prepared."""
+    text = f"legacy {uuid.uuid4().hex}\n"
+    iso = tmp_path / "legacy.iso"
+    iso.write_bytes(make_iso(tmp_path, text))
+    vm_id = cd_vm()
+    host_client.call("VM.changeCD", {"vmID": vm_id, "driveSpec": {"path": str(iso), **CD}})
+    assert guest_reads(lab, vm_id) == hashlib.sha256(text.encode()).hexdigest()
+    with pytest.raises(HostCallError) as info:
+        host_client.call("VM.changeCD", {"vmID": vm_id, "driveSpec": {
+            "path": str(tmp_path / "missing.iso"), **CD}})
+    assert info.value.code == 13
+    host_client.call("VM.changeCD", {"vmID": vm_id, "driveSpec": {"path": "", **CD}})
+    assert guest_reads(lab, vm_id) is None
