@@ -100,6 +100,9 @@ class FakeDomain:
         self.xml = etree.tostring(root, encoding="unicode")
         self.updates.append(kind)
 
+    def metadata(self, kind: int, uri: str) -> str:
+        return Domain.from_xml(self.xml).metadata.to_libvirt_xml()
+
     def setMetadata(self, kind: int, text: str, key: str, uri: str,  # noqa: N802
                     flags: int) -> None:
         self.metadata_writes += 1

@@ -355,6 +355,8 @@ def reconcile(agent: HostAgent) -> dict[str, Any]:
     done: dict[str, Any] = {"settled_vms": 0, "released": [], "taken": []}
     for dom in agent.vms.running():
         vm_id = dom.UUIDString()
+        if not agent.vms.is_ours(dom):
+            continue
         try:
             with agent.vms.locks.hold([vm_id]):
                 holds = reconcile_vm(agent, dom)

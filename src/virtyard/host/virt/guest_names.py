@@ -139,7 +139,8 @@ class GuestNames:
         self._last_sync = now
         running: dict[str, libvirt.virDomain] = {}
         for dom in self.vms.running():
-            running[dom.UUIDString()] = dom
+            if self.vms.is_ours(dom):  # never connect to channels of domains we do not run
+                running[dom.UUIDString()] = dom
         with self._lock:
             gone = [vm for vm in self._states if vm not in running]
             new = [vm for vm in running if vm not in self._states]

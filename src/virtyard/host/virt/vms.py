@@ -226,6 +226,15 @@ class VmManager:
                 return VmMetadata()
             raise
 
+    def is_ours(self, dom: libvirt.virDomain) -> bool:
+        """Whether this agent runs the domain (it carries our metadata element); other
+        domains on the host (someone's by hand) are listed but never touched."""
+        try:
+            dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS)
+        except libvirt.libvirtError:
+            return False
+        return True
+
     def stats(self, dom: libvirt.virDomain) -> VmStatsView:
         """Status and change hash without reading the devices (the frequent, cheap poll)."""
         return VmStatsView(vm_id=dom.UUIDString(), name=dom.name(),
