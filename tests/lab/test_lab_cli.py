@@ -3,6 +3,7 @@ nothing behind (no process, mount, loop device or file)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -138,8 +139,14 @@ def test_demo_set_up_is_idempotent(lab: Lab) -> None:
         with lab.agent_client(0) as client:
             [vm] = client.call("Host.getVMFullList", {"vmList": [vm_id]})
             assert vm["status"] == "Up"
-            [disk] = vm["devices"]
+            [disk] = [d for d in vm["devices"] if d["device"] == "disk"]
             assert disk["GUID"].startswith("360000000000000000e")
+            [cd] = [d for d in vm["devices"] if d["device"] == "cdrom"]
+            assert "PDIV" not in cd  # an empty tray, ready for VIRTYARD_DEMO_ISO
+            iso = json.loads(first["VIRTYARD_DEMO_ISO"])
+            volumes = client.call("Volume.list", {"domainID": iso["domainID"]})
+            assert [(v["volumeID"], v["state"]) for v in volumes] == [(iso["volumeID"],
+                                                                       "READY")]
             assert client.call("Host.getDevicesVisibility", {"guidList": [disk["GUID"]]})
         with lab.agent_client(1) as client:
             assert client.call("Host.getDevicesVisibility",
