@@ -1,4 +1,4 @@
-"""Talk to qemu-guest-agent inside a lab guest through libvirt: ping, run a command, list disks.
+"""Talk to qemu-guest-agent inside a lab guest through libvirt: ping, run a command.
 
 Tests use it to look inside the guest ("does the guest see the LUN, are the bytes there?")
 without a network or a console.
@@ -89,10 +89,3 @@ def check_output(dom: libvirt.virDomain, shell: str, *, timeout: float = 60.0) -
         )
     return result.stdout.decode(errors="replace")
 
-
-def disks(dom: libvirt.virDomain) -> dict[str, str]:
-    """The guest's own view of its disks as ``{device name: serial}`` (guest-get-disks)."""
-    out: dict[str, str] = {}
-    for disk in command(dom, "guest-get-disks"):
-        out[str(disk["name"])] = str(disk.get("serial", ""))
-    return out
