@@ -24,7 +24,7 @@ from virtyard.host.virt.metadata import read_metadata
 from virtyard.lab import qga
 from virtyard.lab.guest_image import DEFAULT_CMDLINE
 from virtyard.lab.iscsi_target import TargetInfo
-from virtyard.lab.lab import Lab
+from virtyard.lab.lab import Lab, loop_devices_under
 
 pytestmark = pytest.mark.lab
 
@@ -294,6 +294,7 @@ def test_agent_killed_at_every_step_recovers(lab: Lab, iso_domain: IsoDomain,
         assert meta.pdiv.volume_id == expected_volume.pdiv["volumeID"]
         assert held == {expected_volume.pdiv["volumeID"]: [user]}
     assert leftovers == []
+    assert loop_devices_under(lab.state_dir) == []  # no loop device, no LUN attachment left
     # Past the point of no return the new medium must be in: from 'updated' on.
     if STEPS.index(step) >= STEPS.index("updated"):
         assert reads == new_sha
