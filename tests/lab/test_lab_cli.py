@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import libvirt
@@ -162,3 +162,15 @@ def test_demo_set_up_is_idempotent(lab: Lab) -> None:
                             "id": DEMO_CONNECTION, "connection": "127.0.0.1",
                             "iqn": first["VIRTYARD_DEMO_TARGET"]}]})
         lab.storage.delete_target("demo")
+
+
+def test_exec_runs_in_the_guest_and_passes_the_exit_status(
+        lab: Lab, make_guest: Callable[..., libvirt.virDomain]) -> None:
+    dom = make_guest(host=1)
+    ok = _cli("--state-dir", str(lab.state_dir), "exec", dom.name(), "echo hello; uname -s")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.split() == ["hello", "Linux"]
+    assert _cli("--state-dir", str(lab.state_dir), "exec", dom.UUIDString(),
+                "exit 7").returncode == 7
+    missing = _cli("--state-dir", str(lab.state_dir), "exec", "no-such-vm", "true")
+    assert missing.returncode == 1 and "no running VM" in missing.stderr

@@ -7,6 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+import libvirt
+
+from virtyard.lab import qga
 from virtyard.lab.errors import LabError
 from virtyard.lab.iscsi_target import Chap
 from virtyard.lab.lab import Lab, LabConfig
@@ -27,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("down", help="stop everything and remove the state directory")
     demo = sub.add_parser("demo", help="the demo on a running lab: target, connections, VM")
     demo.add_argument("--env-file", type=Path, help="also write its variables here")
+    run = sub.add_parser("exec", help="run a shell command inside a lab guest (qemu-ga)")
+    run.add_argument("vm", help="the VM's UUID or name, on any lab host")
+    run.add_argument("shell", help="the command, run by /bin/sh -c in the guest")
     target = sub.add_parser("target", help="add or remove an iSCSI target of the lab")
     target_sub = target.add_subparsers(dest="target_command", required=True)
     add = target_sub.add_parser("add", help="a target with one LUN per size (e.g. 1G 512M)")
@@ -76,6 +82,23 @@ def _target_command(lab: Lab, args: argparse.Namespace) -> None:
           + ", ".join(f"{lun.lun} ({lun.size} bytes)" for lun in info.luns))
 
 
+def _exec(lab: Lab, vm: str, shell: str) -> int:
+    """Run ``shell`` in the guest through qemu-guest-agent; its output, its exit status."""
+    for host in lab.hosts:
+        conn = libvirt.open(host.uri)
+        try:
+            for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+                if vm in (dom.UUIDString(), dom.name()):
+                    qga.wait_ready(dom, timeout=60)  # a guest still booting: wait for it
+                    result = qga.run(dom, shell)
+                    sys.stdout.write(result.stdout.decode(errors="replace"))
+                    sys.stderr.write(result.stderr.decode(errors="replace"))
+                    return result.exitcode
+        finally:
+            conn.close()
+    raise LabError(f"no running VM {vm!r} on the lab's hosts")
+
+
 def format_status(status: dict[str, object]) -> str:
     """A person-readable summary of :meth:`Lab.status`."""
     iscsi = status["iscsi"]
@@ -113,7 +136,12 @@ def write_env_file(path: Path, values: dict[str, str]) -> None:
     path.write_text("".join(f"{k}={v}\n" for k, v in current.items()))
 
 
+def _quiet(_ctx: object, _err: object) -> None:
+    """libvirt prints every error to stderr by default; ours are one line each already."""
+
+
 def main(argv: list[str] | None = None) -> int:
+    libvirt.registerErrorHandler(_quiet, None)
     args = _parser().parse_args(argv)
     try:
         if args.command == "up":
@@ -141,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
                 write_env_file(args.env_file, values)
             for key, value in values.items():
                 print(f"{key}={value}")
+        elif args.command == "exec":
+            running = Lab.load(args.state_dir)
+            if running is None:
+                raise LabError(f"no lab runs in {args.state_dir}: run 'virtyard-lab up' first")
+            return _exec(running, args.vm, args.shell)
         elif args.command == "target":
             running = Lab.load(args.state_dir)
             if running is None or not running.storage.is_running():

@@ -80,8 +80,11 @@ def set_up(lab: Lab) -> dict[str, str]:
                 client.call("StoragePool.connectStorageServer",
                             {"domainType": 3, "connectionParams": [connection]})
     iso = _iso_domain(lab, target.tid)
+    running: set[str] = set()
+    for index in range(len(lab.agents)):  # it may have been migrated to another host
+        with lab.agent_client(index) as client:
+            running |= {s["vmId"] for s in client.call("Host.getAllVmStats", {})}
     with lab.agent_client(0) as client:
-        running = {s["vmId"] for s in client.call("Host.getAllVmStats", {})}
         if vm_id not in running:
             image = lab.guest_image
             params: dict[str, Any] = {
