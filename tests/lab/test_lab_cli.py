@@ -27,13 +27,22 @@ LAB_CLI = [sys.executable, "-m", "virtyard.lab.cli"]
 PORT_BASE = 41000 + int(os.environ.get("VIRTYARD_TEST_PORT_OFFSET", "0"))  # a third lab
 
 
+@pytest.fixture
+def stray_lab(tmp_path: Path) -> Iterator[Path]:
+    """A state dir for an `up` that must fail; if it wrongly succeeds, it is taken down."""
+    state = tmp_path / "lab"
+    yield state
+    if state.exists():
+        _cli("--state-dir", str(state), "down")
+
+
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*LAB_CLI, *args], capture_output=True, text=True, timeout=300,
                           env={**os.environ, **(env or {})}, check=False)
 
 
-def test_missing_package_is_named_and_nothing_is_created(tmp_path: Path) -> None:
-    state = tmp_path / "lab"
+def test_missing_package_is_named_and_nothing_is_created(stray_lab: Path) -> None:
+    state = stray_lab
     result = _cli("--state-dir", str(state), "up", env={"PATH": "/nonexistent"})
     assert result.returncode == 1
     assert "missing-package" in result.stderr
@@ -42,9 +51,9 @@ def test_missing_package_is_named_and_nothing_is_created(tmp_path: Path) -> None
     assert not state.exists()
 
 
-def test_busy_port_is_named_and_nothing_is_started(lab: Lab, tmp_path: Path) -> None:
+def test_busy_port_is_named_and_nothing_is_started(lab: Lab, stray_lab: Path) -> None:
     # The session's test lab holds its iSCSI port: a second lab wanting it must refuse.
-    state = tmp_path / "lab"
+    state = stray_lab
     result = _cli("--state-dir", str(state), "up", "--port-base", str(lab.config.iscsi_port))
     assert result.returncode == 1
     assert f"port {lab.config.iscsi_port}" in result.stderr
@@ -53,13 +62,13 @@ def test_busy_port_is_named_and_nothing_is_started(lab: Lab, tmp_path: Path) -> 
     assert lab.storage.is_running()
 
 
-def test_failed_guest_build_is_one_clear_error(tmp_path: Path) -> None:
+def test_failed_guest_build_is_one_clear_error(tmp_path: Path, stray_lab: Path) -> None:
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     fake_apt = fake_bin / "apt-get"
     fake_apt.write_text("#!/bin/sh\necho 'E: Unable to locate package' >&2\nexit 100\n")
     fake_apt.chmod(0o755)
-    state = tmp_path / "lab"
+    state = stray_lab
     result = _cli("--state-dir", str(state), "up", "--port-base", str(PORT_BASE),
                   env={"PATH": f"{fake_bin}:{os.environ['PATH']}",
                        "VIRTYARD_CACHE": str(tmp_path / "cache")})
