@@ -27,11 +27,6 @@ def bench_lab(port_base: int) -> Iterator[Lab]:
         lab.down()
 
 
-def wwid(tid: int, lun: int) -> str:
-    """tgt's WWID of (tid, lun)."""
-    return f"360000000000000000e000000{tid:04x}{lun:04x}"
-
-
 def vm_params(lab: Lab, name: str, devices: list[dict[str, Any]] | None = None,
               image: GuestImage | None = None) -> dict[str, Any]:
     """VM.create parameters for a tiny guest."""

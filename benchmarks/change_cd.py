@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import libvirt
-from benchlab import bench_lab, vm_params, wwid
+from benchlab import bench_lab, vm_params
 
 from virtyard.lab import qga
 
@@ -59,7 +59,7 @@ def main() -> None:
             {"id": "cd", "connection": target.address, "port": target.port, "iqn": target.iqn}]})
         domain_id = str(uuid.uuid4())
         client.call("StorageDomain.create", {"domainID": domain_id,
-                                             "guid": wwid(target.tid, 1)})
+                                             "guid": target.wwid(1)})
         pdivs: list[dict[str, str]] = []
         for name in ("a", "b"):
             data = make_iso(name)

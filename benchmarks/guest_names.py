@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import libvirt
-from benchlab import bench_lab, vm_params, wwid
+from benchlab import bench_lab, vm_params
 
 from virtyard.lab import qga
 
@@ -51,7 +51,7 @@ def main() -> None:
         client.call("VM.create", {"vmParams": params})
         vm_id = params["vmId"]
         qga.wait_ready(libvirt.open(lab.hosts[0].uri).lookupByUUIDString(vm_id))
-        guid = wwid(target.tid, 1)
+        guid = target.wwid(1)
         drive = {"type": "disk", "device": "disk", "iface": "scsi", "index": 0, "GUID": guid,
                  "serial": "names1"}
         latencies = []

@@ -25,7 +25,7 @@ import statistics
 import time
 
 import libvirt
-from benchlab import bench_lab, vm_params, wwid
+from benchlab import bench_lab, vm_params
 
 from virtyard.host.virt.domain_xml import DiskDevice, DomainDisk, IscsiSource
 from virtyard.lab import qga
@@ -59,7 +59,7 @@ def main() -> None:
         qga.wait_ready(dom)
 
         drive = {"type": "disk", "device": "disk", "iface": "scsi", "index": 1,
-                 "GUID": wwid(target.tid, 1), "serial": "bench1"}
+                 "GUID": target.wwid(1), "serial": "bench1"}
         bare_xml = DomainDisk(DiskDevice.from_dict(drive), IscsiSource(
             target.address, target.port, target.iqn, 1)).to_xml()
         ours: list[float] = []

@@ -41,10 +41,6 @@ Connect = Callable[..., list[dict[str, Any]]]
 MakeTarget = Callable[..., TargetInfo]
 
 
-def tgt_wwid(target: TargetInfo, lun: int) -> str:
-    return f"360000000000000000e000000{target.tid:04x}{lun:04x}"
-
-
 def new_client(lab: Lab) -> HostClient:
     tls = ClientTls(lab.pki.client.cert, lab.pki.client.key, lab.pki.ca.cert)
     return HostClient(lab.agents[0].address, tls)
@@ -210,7 +206,7 @@ def test_domain_volume_upload_prepare_teardown(env: Env, ro_loop: Callable[[Path
         env.client, env.make_target, env.connect, env.make_domain)
     target = make_target([64 * MiB])
     connect_target(target)
-    guid = tgt_wwid(target, 1)
+    guid = target.wwid(1)
     backing = target.lun(1).backing
     times: dict[str, float] = {}
 
@@ -298,7 +294,7 @@ def test_shared_iso_stays_prepared_until_its_last_user_and_orphans_go_at_restart
         env.lab, env.client, env.make_target, env.connect, env.make_domain)
     target = make_target([64 * MiB])
     connect_target(target)
-    domain_id = make_domain(tgt_wwid(target, 1))["domainID"]
+    domain_id = make_domain(target.wwid(1))["domainID"]
     pdiv = new_pdiv(domain_id)
     host_client.call("Volume.create", {**pdiv, "size": len(iso)})
     upload(host_client, pdiv, iso)
@@ -356,7 +352,7 @@ def test_chap_protected_lun(env: Env, iso: bytes) -> None:
     target = make_target([64 * MiB], chap=Chap(user, secret))
     conn_id = str(uuid.uuid4())
     connect_target(target, user=user, password=secret, conn_id=conn_id)
-    domain_id = make_domain(tgt_wwid(target, 1))["domainID"]
+    domain_id = make_domain(target.wwid(1))["domainID"]
     pdiv = new_pdiv(domain_id)
     host_client.call("Volume.create", {**pdiv, "size": len(iso)})
     assert upload(host_client, pdiv, iso)["state"] == "READY"
@@ -379,7 +375,7 @@ def test_every_bad_input_is_refused_clearly_and_changes_nothing(env: Env, iso: b
     target = make_target([64 * MiB, 64 * MiB, 64 * MiB])
     run(["mkfs.ext4", "-q", "-F", str(target.lun(3).backing)])
     connect_target(target)
-    first, second, ext4 = (tgt_wwid(target, n) for n in (1, 2, 3))
+    first, second, ext4 = (target.wwid(n) for n in (1, 2, 3))
     domain_a = make_domain(first)["domainID"]
     domain_b = make_domain(second)["domainID"]
     iso_pdiv = new_pdiv(domain_a)

@@ -53,10 +53,6 @@ class IsoDomain:
     data: dict[str, str]  # a DATA volume (not an ISO)
 
 
-def wwid(target: TargetInfo, lun: int) -> str:
-    return f"360000000000000000e000000{target.tid:04x}{lun:04x}"
-
-
 def make_iso(tmp: Path, text: str) -> bytes:
     src = tmp / uuid.uuid4().hex
     src.mkdir()
@@ -88,7 +84,7 @@ def iso_domain(lab: Lab, host_client: HostClient, make_target: Callable[..., Tar
     connect_target(target, host=0)
     connect_target(target, host=1)
     domain_id = str(uuid.uuid4())
-    host_client.call("StorageDomain.create", {"domainID": domain_id, "guid": wwid(target, 1)})
+    host_client.call("StorageDomain.create", {"domainID": domain_id, "guid": target.wwid(1)})
     isos = []
     for name in ("alpha", "bravo"):
         text = f"{name} {uuid.uuid4().hex}\n"

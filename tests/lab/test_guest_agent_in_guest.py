@@ -37,11 +37,6 @@ OFFSET = 5 * MiB
 REPORT_TIMEOUT = 60.0  # first report after boot: ~5 s under TCG
 
 
-def tgt_wwid(target: TargetInfo, lun: int) -> str:
-    """tgt's NAA 6 WWID for (tid, lun) as udev names it, known without asking the guest."""
-    return f"360000000000000000e000000{target.tid:04x}{lun:04x}"
-
-
 @pytest.fixture(scope="module")
 def python_image(lab: Lab) -> GuestImage:
     started = time.monotonic()
@@ -159,7 +154,7 @@ def test_agent_names_every_bus_as_qemu_guest_agent_does(
     _plug(dom, target, 1, "vdb", "virtio", serial=serials["virtio"])
     _plug(dom, target, 2, "sdb", "scsi", serial=serials["scsi"])
     _plug(dom, target, 3, "sdc", "scsi", device="lun")
-    wwid = tgt_wwid(target, 3)
+    wwid = target.wwid(3)
     report = agent_guest.wait_report(
         lambda r: {serials["virtio"], serials["scsi"], wwid} <= set(r.mapping), 10)
     qga.check_output(dom, "udevadm settle --timeout=30")  # qemu-ga reads udev's database
@@ -198,7 +193,7 @@ def test_hot_plugged_lun_is_reported_within_a_second_and_goes_on_unplug(
         for lun, (dev, bus, extra) in enumerate(
                 [("sdd", "scsi", {"device": "lun"}),
                  ("vdc", "virtio", {"serial": f"hot{round_}"})], start=1):
-            key = tgt_wwid(target, lun) if lun == 1 else f"hot{round_}"
+            key = target.wwid(lun) if lun == 1 else f"hot{round_}"
             before = agent_guest.last.sequence
             returned = _plug(dom, target, lun, dev, bus, **extra)
             report = agent_guest.wait_report(lambda r, k=key: k in r.mapping, 5, after=before)

@@ -26,10 +26,6 @@ MiB = 1 << 20
 OFFSET = 7 * MiB
 
 
-def wwid(target: TargetInfo, lun: int) -> str:
-    return f"360000000000000000e000000{target.tid:04x}{lun:04x}"
-
-
 def disk(guid: str, iface: str, index: int, *, device: str = "disk",
          serial: str | None = None) -> dict[str, Any]:
     d: dict[str, Any] = {"type": "disk", "device": device, "iface": iface, "index": index,
@@ -92,7 +88,7 @@ def test_every_bus_is_named_and_the_name_is_the_lun(
         connect_target: Callable[..., Any], start_vm: Callable[..., str]) -> None:
     target = make_target([32 * MiB, 32 * MiB, 32 * MiB])
     connect_target(target)
-    guids = [wwid(target, n) for n in (1, 2, 3)]
+    guids = [target.wwid(n) for n in (1, 2, 3)]
     vm_id = start_vm([disk(guids[0], "virtio", 0, serial="gn-virtio"),
                       disk(guids[1], "scsi", 0, serial="gn-scsi"),
                       disk(guids[2], "scsi", 1, device="lun")])
@@ -118,7 +114,7 @@ def test_hotplug_names_within_two_seconds_and_every_change_moves_the_hash(
         connect_target: Callable[..., Any], start_vm: Callable[..., str]) -> None:
     target = make_target([32 * MiB, 32 * MiB])
     connect_target(target)
-    first, second = wwid(target, 1), wwid(target, 2)
+    first, second = target.wwid(1), target.wwid(2)
     vm_id = start_vm([disk(first, "scsi", 0, serial="gn-first")])
     wait_names(host_client, vm_id, [first])
     before = stats(host_client, vm_id)["hash"]
@@ -148,7 +144,7 @@ def test_names_stay_when_the_guest_agent_goes_quiet(
         connect_target: Callable[..., Any], start_vm: Callable[..., str]) -> None:
     target = make_target([16 * MiB])
     connect_target(target)
-    guid = wwid(target, 1)
+    guid = target.wwid(1)
     vm_id = start_vm([disk(guid, "virtio", 0, serial="gn-quiet")])
     known = wait_names(host_client, vm_id, [guid])
     dom = libvirt.open(lab.hosts[0].uri).lookupByUUIDString(vm_id)
@@ -167,7 +163,7 @@ def test_our_agent_alone_names_a_hot_plugged_disk(
     """In the Python-carrying guest, qemu-ga frozen: the name comes from our agent only."""
     target = make_target([16 * MiB, 16 * MiB])
     connect_target(target)
-    first, second = wwid(target, 1), wwid(target, 2)
+    first, second = target.wwid(1), target.wwid(2)
     vm_id = start_vm([disk(first, "virtio", 0, serial="gn-py1")], image=python_image)
     wait_names(host_client, vm_id, [first], timeout=30)
     dom = libvirt.open(lab.hosts[0].uri).lookupByUUIDString(vm_id)

@@ -38,12 +38,6 @@ LVM_CONFIG = ("devices { use_devicesfile=0 obtain_device_list_from_udev=0 hints=
 Connect = Callable[..., list[dict[str, Any]]]
 
 
-def tgt_wwid(target: TargetInfo, lun: int) -> str:
-    """tgt's NAA 6 designator for (tid, lun), as udev names it — computed independently of
-    the agent's SCSI parsing (tgt builds it from the target id and the LUN number)."""
-    return f"360000000000000000e000000{target.tid:04x}{lun:04x}"
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -174,9 +168,9 @@ def test_connect_list_and_disconnect(lab: Lab, host_client: HostClient,
 
     devices = host_client.call("Host.getDeviceList", {"checkStatus": False})
     mine = {d["GUID"]: d for d in devices if d["pathlist"][0]["iqn"] == target.iqn}
-    assert set(mine) == {tgt_wwid(target, n) for n in (1, 2, 3)}  # LUN 0 (controller) skipped
+    assert set(mine) == {target.wwid(n) for n in (1, 2, 3)}  # LUN 0 (controller) skipped
     for n, size in ((1, 16), (2, 48), (3, 130)):
-        device = mine[tgt_wwid(target, n)]
+        device = mine[target.wwid(n)]
         assert device["capacity"] == size * MiB
         assert device["status"] == "unknown"
         assert device["vendorID"] == "IET" and device["productID"] == "VIRTUAL-DISK"
@@ -188,8 +182,8 @@ def test_connect_list_and_disconnect(lab: Lab, host_client: HostClient,
         assert "password" not in path
 
     only = host_client.call("Host.getDeviceList",
-                            {"guids": [tgt_wwid(target, 2)], "checkStatus": False})
-    assert [d["GUID"] for d in only] == [tgt_wwid(target, 2)]
+                            {"guids": [target.wwid(2)], "checkStatus": False})
+    assert [d["GUID"] for d in only] == [target.wwid(2)]
 
     host_client.call("StoragePool.disconnectStorageServer", {
         "domainType": 3, "connectionParams": [{"id": conn_id, "connection": "127.0.0.1",
@@ -202,7 +196,7 @@ def test_connect_list_and_disconnect(lab: Lab, host_client: HostClient,
     # Reconnect: the LUNs come back.
     assert connect_target(target)[0]["status"] == 0
     again = host_client.call("Host.getDeviceList", {"checkStatus": False, "refresh": False})
-    assert {tgt_wwid(target, n) for n in (1, 2, 3)} <= {d["GUID"] for d in again}
+    assert {target.wwid(n) for n in (1, 2, 3)} <= {d["GUID"] for d in again}
 
 
 def test_connection_reference_counting(host_client: HostClient,
@@ -214,7 +208,7 @@ def test_connection_reference_counting(host_client: HostClient,
     connect_target(target, conn_id=conn_id)
     params = {"domainType": 3, "connectionParams": [
         {"id": conn_id, "connection": "127.0.0.1", "port": target.port, "iqn": target.iqn}]}
-    guid = tgt_wwid(target, 1)
+    guid = target.wwid(1)
     assert host_client.call("StoragePool.disconnectStorageServer", params)[0]["status"] == 0
     assert host_client.call("Host.getDevicesVisibility", {"guidList": [guid]}) == {guid: True}
     assert host_client.call("StoragePool.disconnectStorageServer", params)[0]["status"] == 0
@@ -246,9 +240,9 @@ def test_chap_success_wrong_password_and_wrong_iqn(lab: Lab, host_client: HostCl
     assert [s["status"] for s in statuses] == [0, 476, 465, 0]
     try:
         visible = host_client.call("Host.getDevicesVisibility", {
-            "guidList": [tgt_wwid(guarded, 1), tgt_wwid(plain, 1)]})
-        assert visible == {tgt_wwid(guarded, 1): True, tgt_wwid(plain, 1): True}
-        listing = host_client.call("Host.getDeviceList", {"guids": [tgt_wwid(guarded, 1)]})
+            "guidList": [guarded.wwid(1), plain.wwid(1)]})
+        assert visible == {guarded.wwid(1): True, plain.wwid(1): True}
+        listing = host_client.call("Host.getDeviceList", {"guids": [guarded.wwid(1)]})
         assert listing[0]["pathlist"][0]["user"] == user
         assert secret not in json.dumps(listing)
     finally:
@@ -312,8 +306,8 @@ def test_status_free_lvm_pv_and_filesystem(lab: Lab, host_client: HostClient,
     connect_target(target)
 
     listing = {d["GUID"]: d for d in host_client.call(
-        "Host.getDeviceList", {"guids": [tgt_wwid(target, n) for n in (1, 2, 3, 4)]})}
-    empty, pv, fs, sd = (listing[tgt_wwid(target, n)] for n in (1, 2, 3, 4))
+        "Host.getDeviceList", {"guids": [target.wwid(n) for n in (1, 2, 3, 4)]})}
+    empty, pv, fs, sd = (listing[target.wwid(n)] for n in (1, 2, 3, 4))
     assert sd["status"] == "used" and sd["usedReason"] == "storage-domain"
     assert sd["storageDomainID"] == domain_id and domain_id in sd["usedDetail"]
     assert pv["storageDomainID"] == ""
@@ -325,8 +319,8 @@ def test_status_free_lvm_pv_and_filesystem(lab: Lab, host_client: HostClient,
     assert "ext4" in fs["usedDetail"]
 
     cached = {d["GUID"]: d for d in host_client.call(
-        "Host.getDeviceList", {"guids": [tgt_wwid(target, 2)], "refresh": False})}
-    assert cached[tgt_wwid(target, 2)]["vgUUID"] == report["vg_uuid"]
+        "Host.getDeviceList", {"guids": [target.wwid(2)], "refresh": False})}
+    assert cached[target.wwid(2)]["vgUUID"] == report["vg_uuid"]
 
 
 def test_hostctl_prints_json_and_one_line_errors(lab: Lab,
@@ -355,7 +349,7 @@ def test_reported_wwid_is_what_a_guest_sees(lab: Lab, host_client: HostClient,
     target = make_target([32 * MiB])
     connect_target(target)
     [device] = host_client.call("Host.getDeviceList",
-                                {"guids": [tgt_wwid(target, 1)], "checkStatus": False})
+                                {"guids": [target.wwid(1)], "checkStatus": False})
     dom = make_guest(host=0)
     dom.attachDeviceFlags(iscsi_disk_xml(portal_host=target.address, portal_port=target.port,
                                          iqn=target.iqn, lun=1, target_dev="sdb", bus="scsi",

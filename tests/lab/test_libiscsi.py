@@ -74,11 +74,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         server.stop()
 
 
-def tgt_wwid(tid: int, lun: int) -> str:
-    """tgt's NAA 6 designator is 6000000000000000 0e000000 <tid:16> <lun:16>."""
-    return f"360000000000000000e000000{tid:04x}{lun:04x}"
-
-
 def login(lab: Lab, target: TargetInfo, *, chap: Chap | None = None) -> Session:
     return Session.login(target.address, target.port, target.iqn, chap=chap)
 
@@ -193,7 +188,7 @@ def test_wwid_of_each_lun_is_tgts_naa6_designator(lab: Lab) -> None:
                 naa6 = [d for d in designators if d.naa == scsi.Naa.IEEE_REGISTERED_EXTENDED]
                 assert len(naa6) == 1 and len(naa6[0].value) == 16
                 assert scsi.wwid(designators) == "3" + naa6[0].value.hex()
-                assert scsi.wwid_from_page83(page) == tgt_wwid(target.tid, lun.lun)
+                assert scsi.wwid_from_page83(page) == target.wwid(lun.lun)
 
 
 def test_wwid_of_tid1_lun1_matches_what_a_guest_saw(lab: Lab) -> None:
@@ -273,7 +268,7 @@ def test_probe_luns_collects_everything_and_the_first_bytes(lab: Lab) -> None:
         assert probe.errors == {}
         assert scsi.parse_standard_inquiry(probe.inquiry or b"").is_disk
         assert set(probe.vpd) == {0x80, 0x83, 0xB0}
-        assert scsi.wwid_from_page83(probe.vpd[0x83]) == tgt_wwid(lab.alpha.tid, lun.lun)
+        assert scsi.wwid_from_page83(probe.vpd[0x83]) == lab.alpha.wwid(lun.lun)
         capacity = probe.capacity()
         assert capacity is not None and capacity.capacity_bytes == lun.size
         assert probe.data is not None and len(probe.data) == 4096
@@ -301,7 +296,7 @@ def test_probe_of_hundreds_of_luns_including_flat_addressed_ones(lab: Lab) -> No
     assert elapsed < 5, elapsed  # pipelined: typically a few tens of milliseconds
     wwids = {scsi.wwid_from_page83(probes[n].vpd[0x83]) for n in range(1, 261)}
     assert len(wwids) == 260
-    assert scsi.wwid_from_page83(probes[260].vpd[0x83]) == tgt_wwid(lab.wide.tid, 260)
+    assert scsi.wwid_from_page83(probes[260].vpd[0x83]) == lab.wide.wwid(260)
     assert all(probes[n].capacity() == scsi.Capacity(127, 512, 3) for n in range(1, 261))
 
 

@@ -26,10 +26,6 @@ MiB = 1 << 20
 OFFSET = 5 * MiB
 
 
-def wwid(target: TargetInfo, lun: int) -> str:
-    return f"360000000000000000e000000{target.tid:04x}{lun:04x}"
-
-
 @pytest.fixture
 def clients(lab: Lab) -> Iterator[list[HostClient]]:
     made = [lab.agent_client(i) for i in range(len(lab.agents))]
@@ -114,16 +110,16 @@ def test_lun_disks_on_every_bus_reach_the_lun(
     target = make_target([32 * MiB, 32 * MiB, 32 * MiB])
     connect_target(target)
     vm = make_vm([
-        disk_dict(wwid(target, 1), "virtio", 0, serial="vyvirtio1"),
-        disk_dict(wwid(target, 2), "scsi", 0, serial="vyscsi2"),
-        disk_dict(wwid(target, 3), "scsi", 1, device="lun"),
+        disk_dict(target.wwid(1), "virtio", 0, serial="vyvirtio1"),
+        disk_dict(target.wwid(2), "scsi", 0, serial="vyscsi2"),
+        disk_dict(target.wwid(3), "scsi", 1, device="lun"),
     ])
     assert vm["status"] == "Up"
-    assert {d["GUID"] for d in vm["devices"]} == {wwid(target, n) for n in (1, 2, 3)}
+    assert {d["GUID"] for d in vm["devices"]} == {target.wwid(n) for n in (1, 2, 3)}
     dom = guest(lab, vm["vmId"])
     paths = {1: "/dev/disk/by-id/virtio-vyvirtio1",
              2: "/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_vyscsi2",
-             3: f"/dev/disk/by-id/scsi-{wwid(target, 3)}"}
+             3: f"/dev/disk/by-id/scsi-{target.wwid(3)}"}
     for lun, path in paths.items():
         wait_path(dom, path)
         pattern = f"VY-{lun}-{uuid.uuid4().hex[:12]}".encode()
@@ -136,14 +132,14 @@ def test_hotplug_and_unplug_change_the_guest_and_the_hash(
         connect_target: Callable[..., Any], make_vm: Callable[..., dict[str, Any]]) -> None:
     target = make_target([32 * MiB, 32 * MiB])
     connect_target(target)
-    vm = make_vm([disk_dict(wwid(target, 1), "scsi", 0, serial="first")])
+    vm = make_vm([disk_dict(target.wwid(1), "scsi", 0, serial="first")])
     vm_id = vm["vmId"]
     dom = guest(lab, vm_id)
     [before] = clients[0].call("VM.getStats", {"vmID": vm_id})
 
     plugged = clients[0].call("VM.hotplugDisk", {"vmID": vm_id, "drive": disk_dict(
-        wwid(target, 2), "scsi", 1, serial="second")})
-    assert wwid(target, 2) in {d["GUID"] for d in plugged["devices"]}
+        target.wwid(2), "scsi", 1, serial="second")})
+    assert target.wwid(2) in {d["GUID"] for d in plugged["devices"]}
     wait_path(dom, "/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_second")
     [after_plug] = clients[0].call("VM.getStats", {"vmID": vm_id})
     assert after_plug["hash"] != before["hash"]
@@ -152,15 +148,15 @@ def test_hotplug_and_unplug_change_the_guest_and_the_hash(
     assert all_stats[vm_id]["hash"] != before["hash"]
 
     unplugged = clients[0].call("VM.hotunplugDisk", {"vmID": vm_id,
-                                                     "drive": {"GUID": wwid(target, 2)}})
-    assert wwid(target, 2) not in {d["GUID"] for d in unplugged["devices"]}
+                                                     "drive": {"GUID": target.wwid(2)}})
+    assert target.wwid(2) not in {d["GUID"] for d in unplugged["devices"]}
     wait_path(dom, "/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_second", present=False)
     [after_unplug] = clients[0].call("VM.getStats", {"vmID": vm_id})
     assert after_unplug["hash"] not in (before["hash"], after_plug["hash"])
 
     # Plug the same LUN back at the same place: the hash changes again.
     clients[0].call("VM.hotplugDisk", {"vmID": vm_id, "drive": disk_dict(
-        wwid(target, 2), "scsi", 1, serial="second")})
+        target.wwid(2), "scsi", 1, serial="second")})
     [replugged] = clients[0].call("VM.getStats", {"vmID": vm_id})
     assert replugged["hash"] not in (before["hash"], after_plug["hash"], after_unplug["hash"])
 
@@ -170,7 +166,7 @@ def test_full_list_carries_the_contract_fields(
         connect_target: Callable[..., Any], make_vm: Callable[..., dict[str, Any]]) -> None:
     target = make_target([16 * MiB])
     connect_target(target)
-    vm = make_vm([disk_dict(wwid(target, 1), "virtio", 0, serial="s1")])
+    vm = make_vm([disk_dict(target.wwid(1), "virtio", 0, serial="s1")])
     [full] = clients[0].call("Host.getVMFullList", {"vmList": [vm["vmId"]]})
     [disk] = full["devices"]
     for key in ("type", "device", "GUID", "iface", "index", "serial", "guestName"):
@@ -187,8 +183,8 @@ def test_live_migration_keeps_the_disks(
     target = make_target([32 * MiB, 32 * MiB])
     connect_target(target, host=0)
     connect_target(target, host=1)
-    vm = make_vm([disk_dict(wwid(target, 1), "scsi", 0, serial="mig1"),
-                  disk_dict(wwid(target, 2), "scsi", 1, device="lun")])
+    vm = make_vm([disk_dict(target.wwid(1), "scsi", 0, serial="mig1"),
+                  disk_dict(target.wwid(2), "scsi", 1, device="lun")])
     vm_id = vm["vmId"]
     dom = guest(lab, vm_id)
     path = "/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_mig1"
@@ -211,7 +207,7 @@ def test_live_migration_keeps_the_disks(
     assert moved["status"] == "Up"
     addresses = {d["name"]: d["address"] for d in source_full["devices"]}
     assert {d["name"]: d["address"] for d in moved["devices"]} == addresses
-    assert {d["GUID"] for d in moved["devices"]} == {wwid(target, 1), wwid(target, 2)}
+    assert {d["GUID"] for d in moved["devices"]} == {target.wwid(1), target.wwid(2)}
     assert read_pattern(guest(lab, vm_id, host=1), path, len(pattern)) == pattern
 
 
@@ -220,12 +216,12 @@ def test_destination_that_does_not_see_a_lun_refuses(
         connect_target: Callable[..., Any], make_vm: Callable[..., dict[str, Any]]) -> None:
     target = make_target([16 * MiB])
     connect_target(target, host=0)  # host 2 is not connected to this target
-    vm = make_vm([disk_dict(wwid(target, 1), "virtio", 0)])
+    vm = make_vm([disk_dict(target.wwid(1), "virtio", 0)])
     with pytest.raises(HostCallError) as info:
         clients[0].call("VM.migrate", {"vmID": vm["vmId"],
                                        "params": {"dst": lab.agents[1].address}})
     assert info.value.code == 12
-    assert wwid(target, 1) in info.value.message
+    assert target.wwid(1) in info.value.message
     [stats] = clients[0].call("VM.getStats", {"vmID": vm["vmId"]})
     assert stats["status"] == "Up"
 
@@ -235,7 +231,7 @@ def test_agent_restart_keeps_running_vms(
         connect_target: Callable[..., Any], make_vm: Callable[..., dict[str, Any]]) -> None:
     target = make_target([16 * MiB])
     connect_target(target)
-    vm = make_vm([disk_dict(wwid(target, 1), "virtio", 0, serial="keep")])
+    vm = make_vm([disk_dict(target.wwid(1), "virtio", 0, serial="keep")])
     guest(lab, vm["vmId"])
     deadline = time.monotonic() + 15
     while not all(d["guestName"] for d in clients[0].call(
@@ -269,12 +265,12 @@ def test_bad_input_is_refused_and_changes_nothing(
 
     unknown = refused([disk_dict("36001405" + "0" * 24, "virtio", 0)])
     assert unknown.code == 9 and "not visible" in unknown.message
-    duplicate = refused([disk_dict(wwid(target, 1), "scsi", 0),
-                         disk_dict(wwid(target, 2), "scsi", 0)])
+    duplicate = refused([disk_dict(target.wwid(1), "scsi", 0),
+                         disk_dict(target.wwid(2), "scsi", 0)])
     assert duplicate.code == -32602 and "devices[1].index" in duplicate.message
-    wrong_iface = refused([disk_dict(wwid(target, 1), "virtio", 0, device="lun")])
+    wrong_iface = refused([disk_dict(target.wwid(1), "virtio", 0, device="lun")])
     assert wrong_iface.code == -32602 and "iface" in wrong_iface.message
-    not_raw = refused([{**disk_dict(wwid(target, 1), "scsi", 0, device="lun"),
+    not_raw = refused([{**disk_dict(target.wwid(1), "scsi", 0, device="lun"),
                         "format": "cow"}])
     assert not_raw.code == -32602 and "format" in not_raw.message
     assert {s["vmId"] for s in clients[0].call("Host.getAllVmStats", {})} == running_before
@@ -282,14 +278,14 @@ def test_bad_input_is_refused_and_changes_nothing(
     missing = str(uuid.uuid4())
     with pytest.raises(HostCallError) as info:
         clients[0].call("VM.hotplugDisk", {"vmID": missing,
-                                           "drive": disk_dict(wwid(target, 1), "scsi", 0)})
+                                           "drive": disk_dict(target.wwid(1), "scsi", 0)})
     assert info.value.code == 1
 
-    vm = make_vm([disk_dict(wwid(target, 1), "scsi", 0)])
+    vm = make_vm([disk_dict(target.wwid(1), "scsi", 0)])
     [full_before] = clients[0].call("Host.getVMFullList", {"vmList": [vm["vmId"]]})
     with pytest.raises(HostCallError) as info:
         clients[0].call("VM.hotunplugDisk", {"vmID": vm["vmId"],
-                                             "drive": {"GUID": wwid(target, 2)}})
+                                             "drive": {"GUID": target.wwid(2)}})
     assert info.value.code == 46
     with pytest.raises(HostCallError) as info:
         clients[0].call("VM.hotplugDisk", {"vmID": vm["vmId"], "drive": disk_dict(
@@ -297,7 +293,7 @@ def test_bad_input_is_refused_and_changes_nothing(
     assert info.value.code == 45
     with pytest.raises(HostCallError) as info:
         clients[0].call("VM.hotplugDisk", {"vmID": vm["vmId"],
-                                           "drive": disk_dict(wwid(target, 2), "scsi", 0)})
+                                           "drive": disk_dict(target.wwid(2), "scsi", 0)})
     assert info.value.code == -32602
     [full_after] = clients[0].call("Host.getVMFullList", {"vmList": [vm["vmId"]]})
     assert devices_of(full_after) == devices_of(full_before)

@@ -10,7 +10,7 @@ import pytest
 from virtyard.lab import ports
 from virtyard.lab.cli import format_status, write_env_file
 from virtyard.lab.errors import CommandError, MissingPackageError, PortBusyError
-from virtyard.lab.iscsi_target import Chap
+from virtyard.lab.iscsi_target import Chap, TargetInfo
 from virtyard.lab.lab import LabConfig, check_prerequisites
 from virtyard.lab.process import mask, require, run
 
@@ -97,3 +97,11 @@ def test_format_status_names_portal_and_hosts() -> None:
                    "pid": 7, "migration_uri": "qemu+tcp://127.0.0.1:2/system", "domains": []}],
     })
     assert "127.0.0.1:1" in text and "iqn.x:t" in text and "qemu:///system?socket=/s" in text
+
+
+def test_target_wwid_is_what_a_guest_saw() -> None:
+    # lab.md: tgt's tid 1 LUN 1 appeared in a guest as by-id scsi-360000000000000000e00000000010001
+    target = TargetInfo(tid=1, iqn="iqn.x:t", address="127.0.0.1", port=3260, luns=())
+    assert target.wwid(1) == "360000000000000000e00000000010001"
+    assert TargetInfo(2, "iqn.x:u", "127.0.0.1", 3260, ()).wwid(260) == \
+        "360000000000000000e00000000020104"

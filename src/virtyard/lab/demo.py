@@ -16,6 +16,7 @@ from typing import Any
 
 from virtyard.host.client import HostCallError
 from virtyard.lab.guest_image import DEFAULT_CMDLINE
+from virtyard.lab.iscsi_target import TargetInfo
 from virtyard.lab.lab import Lab
 
 DEMO_TARGET = "demo"
@@ -36,7 +37,7 @@ def _demo_iso() -> bytes:
         return out.read_bytes()
 
 
-def _iso_domain(lab: Lab, tid: int) -> dict[str, str]:
+def _iso_domain(lab: Lab, target: TargetInfo) -> dict[str, str]:
     """A block storage domain on LUN 3 with the demo ISO; its PDIV."""
     ids = {name: str(uuid.uuid5(uuid.NAMESPACE_URL, f"virtyard-demo-{name}:{lab.state_dir}"))
            for name in ("domain", "image", "volume")}
@@ -46,7 +47,7 @@ def _iso_domain(lab: Lab, tid: int) -> dict[str, str]:
         domains = {d["domainID"] for d in client.call("StorageDomain.list", {})}
         if ids["domain"] not in domains:
             client.call("StorageDomain.create", {"domainID": ids["domain"],
-                                                 "guid": demo_wwid(tid, 3), "name": "demo-isos"})
+                                                 "guid": target.wwid(3), "name": "demo-isos"})
         volumes = {v["volumeID"]: v for v in client.call("Volume.list",
                                                          {"domainID": ids["domain"]})}
         if volumes.get(ids["volume"], {}).get("state") != "READY":
@@ -58,11 +59,6 @@ def _iso_domain(lab: Lab, tid: int) -> dict[str, str]:
             client.call("Volume.verify", {**pdiv, "size": len(data),
                                           "sha256": hashlib.sha256(data).hexdigest()})
     return pdiv
-
-
-def demo_wwid(tid: int, lun: int) -> str:
-    """tgt's NAA 6 WWID of (tid, lun), as udev and our device list name it."""
-    return f"360000000000000000e000000{tid:04x}{lun:04x}"
 
 
 def set_up(lab: Lab) -> dict[str, str]:
@@ -79,7 +75,7 @@ def set_up(lab: Lab) -> dict[str, str]:
                     "Host.getDeviceList", {"checkStatus": False, "refresh": False})):
                 client.call("StoragePool.connectStorageServer",
                             {"domainType": 3, "connectionParams": [connection]})
-    iso = _iso_domain(lab, target.tid)
+    iso = _iso_domain(lab, target)
     running: set[str] = set()
     for index in range(len(lab.agents)):  # it may have been migrated to another host
         with lab.agent_client(index) as client:
@@ -93,7 +89,7 @@ def set_up(lab: Lab) -> dict[str, str]:
                 "kernelArgs": DEFAULT_CMDLINE,
                 "consoleLog": str(lab.console_dir / "demo.log"),
                 "devices": [{"type": "disk", "device": "disk", "iface": "scsi", "index": 0,
-                             "GUID": demo_wwid(target.tid, 1), "format": "raw",
+                             "GUID": target.wwid(1), "format": "raw",
                              "serial": "demo-lun1", "diskId": "demo-lun1"},
                             {"type": "disk", "device": "cdrom", "iface": "scsi", "index": 2}]}
             try:

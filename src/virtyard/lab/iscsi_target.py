@@ -55,6 +55,12 @@ class TargetInfo:
         """``address:port`` as initiators and QEMU take it."""
         return f"{self.address}:{self.port}"
 
+    def wwid(self, lun: int) -> str:
+        """The WWID of LUN ``lun`` as udev and multipath name it: ``3`` + the 16-byte NAA 6
+        designator tgt builds from the target id and the LUN number
+        (``6000000000000000 0e000000 <tid:16> <lun:16>``)."""
+        return f"360000000000000000e000000{self.tid:04x}{lun:04x}"
+
     def lun(self, number: int) -> LunInfo:
         """The LUN numbered ``number``; KeyError if the target has none."""
         for lun in self.luns:
