@@ -9,6 +9,7 @@ from pathlib import Path
 
 import libvirt
 
+from virtyard.host.virt.libvirt_conn import quiet_libvirt_errors
 from virtyard.lab import qga
 from virtyard.lab.errors import LabError
 from virtyard.lab.iscsi_target import Chap
@@ -136,12 +137,8 @@ def write_env_file(path: Path, values: dict[str, str]) -> None:
     path.write_text("".join(f"{k}={v}\n" for k, v in current.items()))
 
 
-def _quiet(_ctx: object, _err: object) -> None:
-    """libvirt prints every error to stderr by default; ours are one line each already."""
-
-
 def main(argv: list[str] | None = None) -> int:
-    libvirt.registerErrorHandler(_quiet, None)
+    quiet_libvirt_errors()  # our errors are one line each already
     args = _parser().parse_args(argv)
     try:
         if args.command == "up":

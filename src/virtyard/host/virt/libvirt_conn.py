@@ -26,7 +26,12 @@ def _quiet(_ctx: object, _err: object) -> None:
     """libvirt-python prints every error to stderr by default; we log what matters ourselves."""
 
 
-libvirt.registerErrorHandler(_quiet, None)
+def quiet_libvirt_errors() -> None:
+    """Stop libvirt-python printing each error to stderr (they surface as exceptions)."""
+    libvirt.registerErrorHandler(_quiet, None)
+
+
+quiet_libvirt_errors()
 
 
 class LibvirtConnection:
