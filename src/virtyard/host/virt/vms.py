@@ -96,7 +96,6 @@ class VmManager:
         self.release = release
         self.virt_type = virt_type
         self.locks = KeyedLocks()
-        self.migrating: dict[str, Any] = {}
 
     # -- lookup ---------------------------------------------------------------------------
 
