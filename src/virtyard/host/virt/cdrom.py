@@ -272,15 +272,16 @@ def _actual_pdiv(agent: HostAgent, vm_id: str, disk: DomainDisk,
         return None
     user = drive_user(vm_id, disk.name)
     seen: set[str] = set()
+    by_key = {p.pdiv.key: p for p in agent.volumes.prepared()}
     options = [c for c in candidates if c is not None]
     options += [Pdiv(p.pdiv.pool_id, p.pdiv.domain_id, p.pdiv.image_id, p.pdiv.volume_id)
-                for p in agent.volumes.prepared() if user in p.users]
+                for p in by_key.values() if user in p.users]
     for pdiv in options:
         key = _key(pdiv)
         if key in seen or key is None:
             continue
         seen.add(key)
-        prepared = next((p for p in agent.volumes.prepared() if p.pdiv.key == key), None)
+        prepared = by_key.get(key)
         borrowed = prepared is None
         if prepared is None:
             try:  # not prepared: take a reference to compare, released again if no match
