@@ -2,9 +2,11 @@
 
 A listing asks the initiator for every disk LUN behind the connected targets. With status
 checking, the first bytes of each LUN come back in the same pipelined pass and are probed for
-signatures (libblkid, LVM label); LVM metadata further in is read only for the LUNs holding a
-PV. The last listing is cached: ``refresh=False`` answers from it, and connecting or
-disconnecting a target updates it, so it stays current without a rescan.
+signatures (libblkid, LVM label); further bytes are read only where a probe needs them: LVM
+metadata past the head, and libblkid's second look at a LUN whose head shows nothing (ISO 9660,
+btrfs, ZFS, md keep their signatures further in or at the end). The last listing is cached:
+``refresh=False`` answers from it, and connecting or disconnecting a target updates it, so it
+stays current without a rescan.
 
 Reads past the heads are batched in rounds (:meth:`DeviceService._probe_all`): every LUN is
 probed from the bytes fetched so far; the ranges the probes missed, across all LUNs, are fetched
@@ -59,7 +61,7 @@ class DeviceService:
         self._cache: dict[str, DeviceEntry] = {}
 
     def listing(self, *, guids: frozenset[str] | None, check_status: bool,
-             refresh: bool) -> list[DeviceEntry]:
+                refresh: bool) -> list[DeviceEntry]:
         """Disk LUNs (filtered by ``guids``), probed for signatures when ``check_status``."""
         if refresh or not self._cache:
             entries = self._scan(self.connections.all(), guids=guids, check_status=check_status)
