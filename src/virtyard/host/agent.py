@@ -12,6 +12,7 @@ from virtyard.host.storage.devices import DeviceService
 from virtyard.host.storage.initiator import Initiator, choose_initiator_kind
 from virtyard.host.storage.userspace_initiator import UserspaceInitiator
 from virtyard.host.storage.volumes import VolumeService
+from virtyard.host.virt.cdrom import drive_user, reconcile, source_of
 from virtyard.host.virt.domain_xml import DiskDevice, Source
 from virtyard.host.virt.drives import DriveNotVisibleError, DriveResolver
 from virtyard.host.virt.guest_names import GuestNames
@@ -57,8 +58,6 @@ class HostAgent:
     def recover(self) -> None:
         """At agent start: undo what a crash left half-done (LUN attachments, activations) and
         settle CD changes in flight, so prepared volumes and drives agree again."""
-        from virtyard.host.virt.cdrom import reconcile  # noqa: PLC0415
-
         try:
             self.volumes.recover()
             log.info("recovery: %s", reconcile(self))
@@ -74,8 +73,6 @@ class HostAgent:
 
     def resolve_volume(self, device: DiskDevice, vm_id: str) -> Source:
         """The source of an image volume (PDIV) on this host, prepared for the VM's drive."""
-        from virtyard.host.virt.cdrom import drive_user, source_of  # noqa: PLC0415
-
         assert device.pdiv is not None
         try:
             prepared = self.volumes.prepare(device.pdiv, drive_user(vm_id, device.name),

@@ -29,6 +29,7 @@ from virtyard.host.virt.domain_xml import (
 from virtyard.host.virt.drives import DriveNotVisibleError, DriveResolver
 from virtyard.host.virt.libvirt_conn import LibvirtConnection
 from virtyard.host.virt.metadata import METADATA_KEY, METADATA_NS, VmMetadata
+from virtyard.host.virt.vm_params import parse_disks
 
 log = logging.getLogger("virtyard.host.virt.vms")
 
@@ -147,8 +148,6 @@ class VmManager:
 
     def build(self, params: dict[str, Any]) -> Domain:
         """The domain for ``params``, every disk source resolved on this host."""
-        from virtyard.host.virt.vm_params import parse_disks  # noqa: PLC0415
-
         vm_id = params["vmId"]
         devices = parse_disks(params.get("devices", []))
         disks: list[DomainDisk] = []
