@@ -1,0 +1,1 @@
+"""Every user action is one command of one shape: validate → execute → events (``base``)."""

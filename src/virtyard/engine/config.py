@@ -1,0 +1,131 @@
+"""The engine's configuration: one TOML file, every setting with a sane default.
+
+Example (``/etc/virtyard/engine.toml``)::
+
+    state_dir = "/var/lib/virtyard-engine"
+
+    [server]                      # the REST API, HTTPS only
+    address = "0.0.0.0"
+    port = 8443
+    cert = "pki/engine-server.pem"
+    key = "pki/engine-server-key.pem"
+
+    [database]
+    url = "postgresql+psycopg://virtyard@db.example.com/virtyard"   # default: SQLite in state_dir
+
+    [hosts]                       # how the engine reaches host agents (mutual TLS)
+    ca = "pki/ca.pem"
+    cert = "pki/engine.pem"
+    key = "pki/engine-key.pem"
+
+    [auth]
+    admin_password_file = "/etc/virtyard/admin-password"
+
+Relative paths are taken from the file's folder. ``VIRTYARD_ENGINE_DB_URL`` overrides the
+database URL and ``VIRTYARD_ENGINE_ADMIN_PASSWORD`` the first admin password.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerConfig(_Section):
+    address: str = "127.0.0.1"
+    port: int = Field(default=8443, ge=1, le=65535)
+    cert: Path = Path("pki/engine-server.pem")
+    key: Path = Path("pki/engine-server-key.pem")
+
+
+class DatabaseConfig(_Section):
+    # Empty: an embedded SQLite database in state_dir (engine.db).
+    url: str = ""
+    echo: bool = False
+
+
+class HostsConfig(_Section):
+    ca: Path = Path("pki/ca.pem")
+    cert: Path = Path("pki/engine.pem")
+    key: Path = Path("pki/engine-key.pem")
+    call_timeout: float = Field(default=120.0, gt=0)
+    connect_timeout: float = Field(default=5.0, gt=0)
+    per_host_connections: int = Field(default=8, ge=1, le=256)
+    max_concurrent_calls: int = Field(default=512, ge=1, le=65536)
+
+
+class HeartbeatConfig(_Section):
+    interval: float = Field(default=3.0, gt=0)
+    # Pings missed in a row before a host is non_responsive.
+    misses: int = Field(default=2, ge=1)
+    timeout: float = Field(default=5.0, gt=0)
+    concurrency: int = Field(default=64, ge=1)
+
+
+class AuthConfig(_Section):
+    # The first start creates admin@internal with this password (file, or the environment);
+    # without one it generates a password and writes it to <state_dir>/admin-password (0600).
+    admin_password_file: Path | None = None
+    token_lifetime_minutes: int = Field(default=30, ge=1, le=7 * 24 * 60)
+
+
+class ApiConfig(_Section):
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+
+
+class DebugConfig(_Section):
+    # Fault injection for crash tests: the engine dies (os._exit) at this named point of a flow.
+    die_at: str = ""
+
+
+class EngineConfig(_Section):
+    state_dir: Path = Path("/var/lib/virtyard-engine")
+    server: ServerConfig = ServerConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    hosts: HostsConfig = HostsConfig()
+    heartbeat: HeartbeatConfig = HeartbeatConfig()
+    auth: AuthConfig = AuthConfig()
+    api: ApiConfig = ApiConfig()
+    debug: DebugConfig = DebugConfig()
+
+    @property
+    def database_url(self) -> str:
+        url = os.environ.get("VIRTYARD_ENGINE_DB_URL") or self.database.url
+        return url or f"sqlite:///{self.state_dir / 'engine.db'}"
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, not TOML, or has a bad setting (named)."""
+
+
+def load_config(path: Path) -> EngineConfig:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        config = EngineConfig.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"{path}: setting '{where}': {err['msg']}") from None
+    base = path.parent
+    server = config.server.model_copy(update={"cert": base / config.server.cert,
+                                              "key": base / config.server.key})
+    hosts = config.hosts.model_copy(update={"ca": base / config.hosts.ca,
+                                            "cert": base / config.hosts.cert,
+                                            "key": base / config.hosts.key})
+    auth = config.auth
+    if auth.admin_password_file is not None:
+        auth = auth.model_copy(update={"admin_password_file": base / auth.admin_password_file})
+    return config.model_copy(update={"state_dir": base / config.state_dir, "server": server,
+                                     "hosts": hosts, "auth": auth})
