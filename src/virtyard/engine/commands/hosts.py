@@ -40,7 +40,8 @@ def valid_address(address: str) -> bool:
 
 
 def get_host(command: Command[Any], tx: Session, host_id: str, *,
-             for_update: bool = False) -> Host:
+             for_update: bool = True) -> Host:
+    """The host, locked for this transaction (commands change what they read)."""
     stmt = select(Host).where(Host.id == host_id)
     if for_update:
         stmt = stmt.with_for_update()

@@ -1,8 +1,11 @@
 """One :class:`Database` per engine: the SQLAlchemy engine, sessions, transactions, migrations.
 
-SQLite (embedded, the default) and PostgreSQL (production) behave alike here: SQLite gets
-foreign keys on, WAL and a busy timeout so that the API's threads and the monitoring loop can
-write side by side; every unit of work is one transaction (:meth:`Database.transaction`).
+SQLite (embedded, the default) and PostgreSQL (production) behave alike here: every unit of
+work is one transaction (:meth:`Database.transaction`), and a transaction that reads a row and
+then changes it cannot lose another's update. On PostgreSQL, commands lock the rows they change
+(``SELECT … FOR UPDATE``). On SQLite (WAL, foreign keys on, busy timeout) write transactions
+start with ``BEGIN IMMEDIATE`` and so run one at a time, while reads (:meth:`Database.read`, a
+second engine with plain ``BEGIN``) go on beside them.
 """
 
 from __future__ import annotations
@@ -26,12 +29,23 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # We say when transactions begin (see _sqlite_begin), not the sqlite3 module, which would
+    # begin only at the first write and so let a read-then-write lose another's update.
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+def _sqlite_begin_immediate(connection: Any) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _sqlite_begin_deferred(connection: Any) -> None:
+    connection.exec_driver_sql("BEGIN")
 
 
 class Database:
@@ -46,9 +60,15 @@ class Database:
         else:
             kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
         self.engine: Engine = create_engine(url, **kwargs)
+        self.read_engine: Engine = self.engine
         if self.is_sqlite:
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+            self.read_engine = create_engine(url, **kwargs)
+            for engine, begin in ((self.engine, _sqlite_begin_immediate),
+                                  (self.read_engine, _sqlite_begin_deferred)):
+                event.listen(engine, "connect", _sqlite_pragmas)
+                event.listen(engine, "begin", begin)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._readers = sessionmaker(self.read_engine, expire_on_commit=False)
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
@@ -59,7 +79,7 @@ class Database:
     @contextmanager
     def read(self) -> Iterator[Session]:
         """A session for reading (its transaction is rolled back at the end)."""
-        with self._sessions() as session:
+        with self._readers() as session:
             yield session
 
     def migrate(self) -> None:
@@ -75,6 +95,7 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        self.read_engine.dispose()
 
 
 __all__ = ["Base", "Database"]

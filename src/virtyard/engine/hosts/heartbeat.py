@@ -145,7 +145,8 @@ class Heartbeat:
         changed = 0
         with self.db.transaction() as tx:
             hosts = {h.id: h for h in tx.scalars(
-                select(Host).where(Host.id.in_([o.host_id for o in interesting])))}
+                select(Host).where(Host.id.in_([o.host_id for o in interesting]))
+                .order_by(Host.id).with_for_update())}
             for outcome in interesting:
                 host = hosts.get(outcome.host_id)
                 if host is None:

@@ -1,0 +1,135 @@
+"""The engine for a lab: ``virtyard-engine`` as a real process, its configuration and PKI.
+
+The lab's CA plays the engine's CA: the engine reaches the lab's agents with the lab's client
+certificate and serves its REST API with a server certificate from the same CA, so one CA file
+is all a client (the SDK, curl, the tests) needs. Tests start one per database (SQLite file or
+a throwaway PostgreSQL); the demo starts one on SQLite under the demo's state folder.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import sys
+from pathlib import Path
+
+from virtyard.common.pki import CertPair, issue
+from virtyard.lab import ports
+from virtyard.lab.agents import LabPki
+from virtyard.lab.process import pid_alive, read_pid, start_daemon, terminate, wait_until
+
+ADMIN = "admin@internal"
+API_PATH = "/ovirt-engine/api"
+
+
+class EngineProcess:
+    """One ``virtyard-engine run`` with its own state folder, port and database."""
+
+    def __init__(self, root: Path, port: int, pki: LabPki, *, database_url: str = "",
+                 heartbeat_interval: float = 1.0, extra_config: str = "") -> None:
+        self.root = root
+        self.port = port
+        self.pki = pki
+        self.database_url = database_url
+        self.heartbeat_interval = heartbeat_interval
+        # Appended to the configuration at the next start (fault injection in crash tests).
+        self.extra_config = extra_config
+
+    @property
+    def url(self) -> str:
+        return f"https://{ports.LOOPBACK}:{self.port}{API_PATH}"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.pki.ca.cert
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "engine.toml"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.root / "engine.pid"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "engine.log"
+
+    @property
+    def password_file(self) -> Path:
+        return self.root / "admin-password"
+
+    @property
+    def password(self) -> str:
+        return self.password_file.read_text().strip()
+
+    def server_cert(self) -> CertPair:
+        return issue(self.pki.ca, self.pki.root, "engine-server", common_name=ports.LOOPBACK,
+                     addresses=(ports.LOOPBACK, "localhost"), server=True, client=False)
+
+    def write_config(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.pki.ensure()
+        if not self.password_file.exists():
+            fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(12) + "\n")
+        cert = self.server_cert()
+        db = f'url = "{self.database_url}"\n' if self.database_url else ""
+        self.config_path.write_text(
+            f'state_dir = "{self.root / "state"}"\n\n'
+            "[server]\n"
+            f'address = "{ports.LOOPBACK}"\nport = {self.port}\n'
+            f'cert = "{cert.cert}"\nkey = "{cert.key}"\n\n'
+            f"[database]\n{db}\n"
+            "[hosts]\n"
+            f'ca = "{self.pki.ca.cert}"\ncert = "{self.pki.client.cert}"\n'
+            f'key = "{self.pki.client.key}"\n\n'
+            "[heartbeat]\n"
+            f"interval = {self.heartbeat_interval}\n\n"
+            "[auth]\n"
+            f'admin_password_file = "{self.password_file}"\n' + self.extra_config)
+
+    def pid(self) -> int | None:
+        return read_pid(self.pidfile)
+
+    def is_running(self) -> bool:
+        return self.pid() is not None
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start the engine (no-op when it runs); return once its API port listens."""
+        if self.is_running():
+            return
+        ports.ensure_free(self.port, "engine REST API")
+        self.write_config()
+        start_daemon(
+            [sys.executable, "-m", "virtyard.engine.server", "run", "--config",
+             str(self.config_path)],
+            pidfile=self.pidfile, log=self.log_path, timeout=timeout,
+            ready=lambda: ports.port_is_listening(self.port),
+            what=f"engine on port {self.port}")
+
+    def stop(self) -> None:
+        pid = self.pid()
+        if pid is not None:
+            terminate(pid, grace=10)
+        self.pidfile.unlink(missing_ok=True)
+        wait_until(lambda: ports.port_is_free(self.port), timeout=10)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would (no clean shutdown of anything)."""
+        pid = self.pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            wait_until(lambda: not pid_alive(pid), timeout=10)
+        self.pidfile.unlink(missing_ok=True)
+        wait_until(lambda: ports.port_is_free(self.port), timeout=10)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def status(self) -> dict[str, object]:
+        return {"url": self.url, "pid": self.pid(), "running": self.is_running(),
+                "log": str(self.log_path)}
