@@ -107,23 +107,26 @@ class Authenticator:
     def verify(self, token: str) -> Principal:
         """The principal a token belongs to; it lives ``token_lifetime`` past its last use."""
         now = utcnow()
-        with self.db.transaction() as tx:
-            row = tx.execute(
-                select(Session, User).join(User, User.id == Session.user_id)
-                .where(Session.token_hash == _token_hash(token))).first()
-            if row is None:
-                raise AuthError("The token is not valid")
-            session, user = row
-            expires = session.expires_at
-            if expires.tzinfo is None:  # SQLite hands back naive datetimes
-                expires = expires.replace(tzinfo=datetime.UTC)
-            if expires < now:
-                tx.delete(session)
-                raise AuthError("The token has expired")
-            # Touch at most once a minute: reads stay cheap under load.
-            if expires - now < self.token_lifetime - datetime.timedelta(minutes=1):
-                session.expires_at = now + self.token_lifetime
-            return principal_of(user)
+        digest = _token_hash(token)
+        with self.db.read() as tx:  # the common case: one read, no write lock
+            row = tx.execute(select(Session.expires_at, User)
+                             .join(User, User.id == Session.user_id)
+                             .where(Session.token_hash == digest)).first()
+        if row is None:
+            raise AuthError("The token is not valid")
+        expires_at, user = row
+        expired = expires_at < now
+        # Extended at most once a minute, so most requests never write.
+        if expired or expires_at - now < self.token_lifetime - datetime.timedelta(minutes=1):
+            with self.db.transaction() as tx:
+                session = tx.get(Session, digest)
+                if session is not None and expired:
+                    tx.delete(session)
+                elif session is not None:
+                    session.expires_at = now + self.token_lifetime
+        if expired:
+            raise AuthError("The token has expired")
+        return principal_of(user)
 
     def logout(self, token: str) -> Principal | None:
         with self.db.transaction() as tx:

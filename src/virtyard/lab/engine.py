@@ -2,25 +2,33 @@
 
 The lab's CA plays the engine's CA: the engine reaches the lab's agents with the lab's client
 certificate and serves its REST API with a server certificate from the same CA, so one CA file
-is all a client (the SDK, curl, the tests) needs. Tests start one per database (SQLite file or
-a throwaway PostgreSQL); the demo starts one on SQLite under the demo's state folder.
+is all a client (the SDK, curl, the tests) needs. Every lab runs one on SQLite in
+``<lab>/engine/`` (part of ``Lab.up``/``down``); tests may start more, one per database (SQLite
+file or a throwaway PostgreSQL).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+import httpx
 
 from virtyard.common.pki import CertPair, issue
 from virtyard.lab import ports
 from virtyard.lab.agents import LabPki
+from virtyard.lab.errors import LabError
 from virtyard.lab.process import pid_alive, read_pid, start_daemon, terminate, wait_until
 
 ADMIN = "admin@internal"
 API_PATH = "/ovirt-engine/api"
+SSO_TOKEN_PATH = "/ovirt-engine/sso/oauth/token"
+SSO_LOGOUT_PATH = "/ovirt-engine/services/sso-logout"
 
 
 class EngineProcess:
@@ -133,3 +141,25 @@ class EngineProcess:
     def status(self) -> dict[str, object]:
         return {"url": self.url, "pid": self.pid(), "running": self.is_running(),
                 "log": str(self.log_path)}
+
+    @contextlib.contextmanager
+    def api(self, user: str = ADMIN, password: str | None = None, *,
+            timeout: float = 30.0) -> Iterator[httpx.Client]:
+        """An httpx client of the REST API (JSON, the lab's CA, a bearer token of ``user``);
+        paths are relative to the API (``api.get("/hosts")``); logged out at the end."""
+        base = f"https://{ports.LOOPBACK}:{self.port}"
+        with httpx.Client(base_url=self.url, verify=str(self.ca_file), timeout=timeout) as client:
+            answer = client.post(base + SSO_TOKEN_PATH, data={
+                "grant_type": "password", "scope": "ovirt-app-api", "username": user,
+                "password": self.password if password is None else password})
+            if answer.status_code != 200:
+                raise LabError(f"engine login as {user} failed: {answer.status_code} "
+                               f"{answer.text[:200]}")
+            token = answer.json()["access_token"]
+            client.headers.update({"Authorization": f"Bearer {token}",
+                                   "Accept": "application/json"})
+            try:
+                yield client
+            finally:
+                with contextlib.suppress(httpx.HTTPError):
+                    client.post(base + SSO_LOGOUT_PATH, data={"token": token})

@@ -23,7 +23,7 @@ from virtyard.engine.api.codec import DecodeError
 from virtyard.engine.api.faults import ApiError, bad_request, unauthorized
 from virtyard.engine.api.openapi import openapi_document
 from virtyard.engine.api.routing import ROUTES, ApiRequest, Operation
-from virtyard.engine.api.types.common import FAULT
+from virtyard.engine.api.types.common import ACTION, FAULT
 from virtyard.engine.auth import AuthError
 from virtyard.engine.commands.errors import CommandError
 
@@ -106,7 +106,7 @@ def endpoint(operation: Operation) -> Any:
                                      request.headers.get("correlation-id", "")[:64])
             result = await anyio.to_thread.run_sync(operation.handler, api_request)
         except DecodeError as exc:
-            return fault_response(bad_request(str(exc)), as_json)
+            return fault_response(ApiError(400, exc.reason, str(exc), "BAD_REQUEST"), as_json)
         except ApiError as exc:
             return fault_response(exc, as_json)
         except CommandError as exc:
@@ -128,8 +128,9 @@ def endpoint(operation: Operation) -> Any:
 
 def render(operation: Operation, result: Any, as_json: bool) -> Response:
     media = JSON if as_json else XML
-    if operation.returns is None:
-        return Response(b"", status_code=operation.status, media_type=media)
+    if operation.returns is None:  # DELETE: oVirt answers 200 with a completed action
+        return Response(codec.encode(ACTION, {"status": "complete"}, as_json),
+                        status_code=operation.status, media_type=media)
     if operation.many:
         body = codec.encode_list(operation.returns, result, as_json)
     else:

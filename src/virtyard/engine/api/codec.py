@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -26,6 +27,7 @@ from virtyard.engine.api.types.base import (
     DECIMAL,
     INTEGER,
     REGISTRY,
+    STRING,
     Enum,
     Kind,
     ListOf,
@@ -41,43 +43,63 @@ _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=Fal
                           remove_comments=True, remove_pis=True, load_dtd=False)
 
 
+SYNTAX = "Request syntactically incorrect."
+INVALID_VALUE = "Invalid value"
+INT64 = (-(1 << 63), (1 << 63) - 1)
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
 class DecodeError(Exception):
-    """The request body does not fit the type: says where and why."""
+    """The request body does not fit the type: says where and why, with oVirt's reason."""
+
+    def __init__(self, detail: str, reason: str = SYNTAX) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+def _invalid(detail: str) -> DecodeError:
+    return DecodeError(detail, INVALID_VALUE)
 
 
 # ---------------------------------------------------------------- scalars
 
 
 def _scalar_from_text(kind: Kind, text: str, where: str) -> Any:
-    text = text.strip()
+    if kind != STRING:
+        text = text.strip()
     if isinstance(kind, Enum):
         value = text.lower()
         if value not in kind.values:
-            raise DecodeError(f"Invalid value '{text}' for '{where}': expected one of "
+            raise _invalid(f"Invalid value '{text}' for '{where}': expected one of "
                               f"{', '.join(kind.values)}")
         return value
     if kind == INTEGER:
         try:
-            return int(text)
+            number = int(text)
         except ValueError:
-            raise DecodeError(f"Invalid value '{text}' for '{where}': not an integer") from None
+            raise _invalid(f"Invalid value '{text[:64]}' for '{where}': not an integer") from None
+        if not INT64[0] <= number <= INT64[1]:
+            raise _invalid(f"Invalid value for '{where}': out of range")
+        return number
     if kind == BOOLEAN:
         lowered = text.lower()
         if lowered in ("true", "1"):
             return True
         if lowered in ("false", "0"):
             return False
-        raise DecodeError(f"Invalid value '{text}' for '{where}': not a boolean")
+        raise _invalid(f"Invalid value '{text}' for '{where}': not a boolean")
     if kind == DECIMAL:
         try:
             return float(text)
         except ValueError:
-            raise DecodeError(f"Invalid value '{text}' for '{where}': not a number") from None
+            raise _invalid(f"Invalid value '{text}' for '{where}': not a number") from None
     if kind == DATE:
         try:
             return datetime.datetime.fromisoformat(text)
         except ValueError:
-            raise DecodeError(f"Invalid value '{text}' for '{where}': not a date") from None
+            raise _invalid(f"Invalid value '{text}' for '{where}': not a date") from None
+    if _CONTROL.search(text):
+        raise _invalid(f"Invalid value for '{where}': control characters are not allowed")
     return text
 
 
@@ -85,12 +107,14 @@ def _scalar_from_json(kind: Kind, value: Any, where: str) -> Any:
     if isinstance(value, bool) and kind == BOOLEAN:
         return value
     if isinstance(value, int) and not isinstance(value, bool) and kind in (INTEGER, DECIMAL):
+        if kind == INTEGER and not INT64[0] <= value <= INT64[1]:
+            raise _invalid(f"Invalid value for '{where}': out of range")
         return value
     if isinstance(value, float) and kind == DECIMAL:
         return value
     if isinstance(value, str):
         return _scalar_from_text(kind, value, where)
-    raise DecodeError(f"Invalid value for '{where}': expected {kind.describe()}")
+    raise _invalid(f"Invalid value for '{where}': expected {kind.describe()}")
 
 
 def _scalar_to_text(value: Any) -> str:
@@ -200,7 +224,7 @@ def _xml_read(t: Type, element: etree._Element, where: str, depth: int) -> Model
             continue
         f = t.field_named(name)
         if f is None:
-            raise DecodeError(f"Unknown element '{name}' in '{where}'")
+            raise DecodeError(f"Unknown element '{name[:64]}' in '{where}'")
         model[name] = _xml_read_value(f.kind, child, f"{where}.{name}", depth + 1)
     return model
 
@@ -214,7 +238,7 @@ def _xml_read_value(kind: Kind, element: etree._Element, where: str, depth: int)
             if not isinstance(child.tag, str):
                 continue
             if child.tag != kind.item_tag:
-                raise DecodeError(f"Unknown element '{child.tag}' in '{where}' "
+                raise DecodeError(f"Unknown element '{child.tag[:64]}' in '{where}' "
                                   f"(expected '{kind.item_tag}')")
             items.append(_xml_read_value(kind.item, child, f"{where}.{kind.item_tag}",
                                          depth + 1))
@@ -272,6 +296,8 @@ def from_json(t: Type, body: bytes) -> Model:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise DecodeError(f"Malformed JSON: {exc}") from None
+    except RecursionError:
+        raise DecodeError("Malformed JSON: nested too deeply") from None
     # oVirt's clients sometimes wrap the object in its tag: {"vm": {...}}.
     if isinstance(data, dict) and list(data) == [t.tag] and isinstance(data[t.tag], dict):
         data = data[t.tag]
@@ -289,12 +315,12 @@ def _json_read(t: Type, data: Any, where: str, depth: int) -> Model:
             continue
         if name == "id" and t.identified:
             if value is not None and not isinstance(value, str | int):
-                raise DecodeError(f"Invalid value for '{where}.id': expected a string")
+                raise _invalid(f"Invalid value for '{where}.id': expected a string")
             model["id"] = None if value is None else str(value)
             continue
         f = t.field_named(name)
         if f is None:
-            raise DecodeError(f"Unknown element '{name}' in '{where}'")
+            raise DecodeError(f"Unknown element '{name[:64]}' in '{where}'")
         if value is None:
             continue
         model[name] = _json_read_value(f.kind, value, f"{where}.{name}", depth + 1)
@@ -309,7 +335,7 @@ def _json_read_value(kind: Kind, value: Any, where: str, depth: int) -> Any:
         if isinstance(value, dict):
             extra = set(value) - {kind.item_tag}
             if extra:
-                raise DecodeError(f"Unknown element '{sorted(extra)[0]}' in '{where}' "
+                raise DecodeError(f"Unknown element '{str(sorted(extra)[0])[:64]}' in '{where}' "
                                   f"(expected '{kind.item_tag}')")
             items = value.get(kind.item_tag, [])
         if not isinstance(items, list):

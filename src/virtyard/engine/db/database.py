@@ -37,6 +37,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=30000")
+    # LIKE compares case as on PostgreSQL; searches ask for case-insensitivity explicitly.
+    cursor.execute("PRAGMA case_sensitive_like=ON")
     cursor.close()
 
 

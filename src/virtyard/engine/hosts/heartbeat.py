@@ -97,6 +97,9 @@ class Heartbeat:
 
     async def cycle(self) -> list[Outcome]:
         hosts = await anyio.to_thread.run_sync(self._load)
+        known = {h.host_id for h, _status in hosts}
+        for gone in self.pool.known() - known:  # removed hosts: close their connections
+            await self.pool.forget(gone)
         outcomes = await asyncio.gather(*(self._check(h, status) for h, status in hosts))
         changed = await anyio.to_thread.run_sync(self._store, outcomes)
         self.stats.transitions += changed

@@ -113,6 +113,10 @@ class HostPool:
             return await self.call(host, method, params, timeout=timeout)
         return anyio.from_thread.run(go)
 
+    def known(self) -> set[str]:
+        """The hosts the pool holds connections for."""
+        return set(self._clients)
+
     async def forget(self, host_id: str) -> None:
         """Close the connections to a removed host."""
         known = self._clients.pop(host_id, None)
