@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import datetime
-from pathlib import Path
 
 import pytest
-from engine_db import migrated
 from sqlalchemy import select
 
 from virtyard.engine.auth import Authenticator, AuthError, split_user
@@ -15,8 +13,8 @@ from virtyard.engine.db.models import Session, User, utcnow
 
 
 @pytest.fixture
-def auth(tmp_path: Path) -> Authenticator:
-    authenticator = Authenticator(migrated(tmp_path),
+def auth(any_db: Database) -> Authenticator:
+    authenticator = Authenticator(any_db,
                                   token_lifetime=datetime.timedelta(minutes=30))
     authenticator.add_user("admin@internal", "s3cret-pass", "admin")
     return authenticator

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import pytest
-from engine_db import VIEWER, context, migrated
+from engine_db import VIEWER, context
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -19,8 +18,8 @@ from virtyard.engine.db.models import DEFAULT_CLUSTER_ID, Event, Host, Vm, VmDyn
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Database:
-    return migrated(tmp_path)
+def db(any_db: Database) -> Database:
+    return any_db
 
 
 def count(db: Database, model: type) -> int:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
 import pytest
-from engine_db import context, migrated
+from engine_db import context
 from sqlalchemy import select
 
 from virtyard.engine.commands.base import run
@@ -49,8 +48,8 @@ class ScriptedPool:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Database:
-    return migrated(tmp_path)
+def db(any_db: Database) -> Database:
+    return any_db
 
 
 def beat(hb: Heartbeat, times: int = 1) -> None:
