@@ -29,6 +29,18 @@ demo: venv
 	@echo "  $(BIN)/virtyard-hostctl Host.getVMFullList"
 	@echo "  $(BIN)/virtyard-hostctl VM.getStats vmID=\$$VIRTYARD_DEMO_VM"
 	@echo "  (loading the demo ISO into the demo VM's CD-ROM: see README, \"The demo\")"
+	@echo
+	@. ./demo.env; \
+	  echo "The engine (oVirt v4 REST API, docs/engine.md): $$VIRTYARD_ENGINE_URL"; \
+	  echo "  user $$VIRTYARD_ENGINE_USER, password $$VIRTYARD_ENGINE_PASSWORD"; \
+	  echo "  CA file $$VIRTYARD_ENGINE_CA"
+	@echo "  curl (a token, then the hosts as JSON):"
+	@echo "    TOKEN=\$$(curl -s --cacert \"\$$VIRTYARD_ENGINE_CA\" -d grant_type=password -d scope=ovirt-app-api \\"
+	@echo "      --data-urlencode \"username=\$$VIRTYARD_ENGINE_USER\" --data-urlencode \"password=\$$VIRTYARD_ENGINE_PASSWORD\" \\"
+	@echo "      \"\$${VIRTYARD_ENGINE_URL%/api}/sso/oauth/token\" | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"access_token\"])')"
+	@echo "    curl -s --cacert \"\$$VIRTYARD_ENGINE_CA\" -H \"Authorization: Bearer \$$TOKEN\" -H 'Accept: application/json' \"\$$VIRTYARD_ENGINE_URL/hosts\""
+	@echo "  SDK (ovirtsdk4):"
+	@echo "    $(BIN)/python -c 'import os, ovirtsdk4 as sdk; e = os.environ; c = sdk.Connection(url=e[\"VIRTYARD_ENGINE_URL\"], username=e[\"VIRTYARD_ENGINE_USER\"], password=e[\"VIRTYARD_ENGINE_PASSWORD\"], ca_file=e[\"VIRTYARD_ENGINE_CA\"]); print([(h.name, str(h.status)) for h in c.system_service().hosts_service().list()])'"
 	@echo "stop everything with: make demo-down"
 
 demo-down:

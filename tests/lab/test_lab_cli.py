@@ -97,8 +97,9 @@ def test_down_leaves_nothing_behind(third_lab: Lab) -> None:
                   "--port-base", str(PORT_BASE))
     assert status.returncode == 0, status.stderr
     assert f"127.0.0.1:{PORT_BASE}" in status.stdout
+    assert f"engine: https://127.0.0.1:{PORT_BASE + 90}/ovirt-engine/api (running" in status.stdout
     lab = Lab.load(lab.state_dir)  # type: ignore[assignment]
-    assert lab is not None and lab.storage.is_running()
+    assert lab is not None and lab.storage.is_running() and lab.engine.is_running()
 
     # Use every kind of resource the lab can hold: a CHAP target, a guest with the LUN
     # attached over iSCSI, and a loop device over a file in the lab's directory.
@@ -119,7 +120,7 @@ def test_down_leaves_nothing_behind(third_lab: Lab) -> None:
     down = _cli("--state-dir", str(lab.state_dir), "down")
     assert down.returncode == 0, down.stderr
     assert leftovers(lab.state_dir) == []
-    assert not lab.storage.is_running()
+    assert not lab.storage.is_running() and not lab.engine.is_running()
     assert not lab.state_dir.exists()
     # Down twice is fine.
     assert _cli("--state-dir", str(lab.state_dir), "down").returncode == 0
@@ -140,10 +141,18 @@ def test_status_shows_the_session_lab(lab: Lab) -> None:
 
 
 def test_demo_set_up_is_idempotent(lab: Lab) -> None:
-    """What `make demo` adds to a lab: a target, both agents connected, a demo VM with a LUN."""
+    """What `make demo` adds to a lab: a target, both agents connected, a demo VM with a LUN,
+    both hosts in the engine."""
     first = set_up(lab)
     try:
+        with lab.engine.api() as api:
+            ids = {h["name"]: h["id"] for h in api.get("/hosts").json()["host"]}
         assert set_up(lab) == first  # again: finds what is there
+        with lab.engine.api() as api:
+            hosts = api.get("/hosts").json()["host"]
+        assert sorted((h["name"], h["status"], h["port"]) for h in hosts) == [
+            (a.name, "up", a.port) for a in lab.agents]
+        assert {h["name"]: h["id"] for h in hosts} == ids  # left as they were
         vm_id = first["VIRTYARD_DEMO_VM"]
         with lab.agent_client(0) as client:
             [vm] = client.call("Host.getVMFullList", {"vmList": [vm_id]})
@@ -171,6 +180,10 @@ def test_demo_set_up_is_idempotent(lab: Lab) -> None:
                             "id": DEMO_CONNECTION, "connection": "127.0.0.1",
                             "iqn": first["VIRTYARD_DEMO_TARGET"]}]})
         lab.storage.delete_target("demo")
+        with lab.engine.api() as api:  # the session's engine as it was: no hosts
+            for host in api.get("/hosts").json()["host"]:
+                api.post(f"/hosts/{host['id']}/deactivate").raise_for_status()
+                api.delete(f"/hosts/{host['id']}").raise_for_status()
 
 
 def test_exec_runs_in_the_guest_and_passes_the_exit_status(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from virtyard.lab import ports
 from virtyard.lab.cli import format_status, write_env_file
 from virtyard.lab.errors import CommandError, MissingPackageError, PortBusyError
 from virtyard.lab.iscsi_target import Chap, TargetInfo
-from virtyard.lab.lab import LabConfig, check_prerequisites
+from virtyard.lab.lab import LabConfig, check_prerequisites, leftovers
 from virtyard.lab.process import mask, require, run
 
 
@@ -88,6 +89,23 @@ def test_config_round_trips_through_json(tmp_path: Path) -> None:
     assert LabConfig.from_json(config.to_json()) == config
 
 
+def test_engine_port_moves_with_the_others(tmp_path: Path) -> None:
+    demo, test = LabConfig.demo(tmp_path), LabConfig.test(tmp_path)
+    assert (demo.engine_port, test.engine_port) == (15470, 25470)
+    assert test.shifted(7).engine_port == 25477
+    based = test.with_port_base(41000)
+    assert based.engine_port == 41090
+    ports_of = [p for p, _ in based.all_ports()]
+    assert len(ports_of) == len(set(ports_of)) and based.engine_port in ports_of
+    assert (based.engine_port, "engine REST API") in list(based.all_ports())
+
+
+def test_config_of_a_lab_from_before_the_engine(tmp_path: Path) -> None:
+    raw = LabConfig.demo(tmp_path).to_json()
+    del raw["engine_port"]  # lab.json written before the engine joined the lab
+    assert LabConfig.from_json(raw) == LabConfig.demo(tmp_path)
+
+
 def test_format_status_names_portal_and_hosts() -> None:
     text = format_status({
         "state_dir": "/x", "accelerator": "tcg",
@@ -99,9 +117,36 @@ def test_format_status_names_portal_and_hosts() -> None:
     assert "127.0.0.1:1" in text and "iqn.x:t" in text and "qemu:///system?socket=/s" in text
 
 
+def test_format_status_names_the_engine() -> None:
+    text = format_status({
+        "state_dir": "/x", "accelerator": "tcg",
+        "iscsi": {"portal": "127.0.0.1:1", "pid": 5, "running": True, "targets": []},
+        "hosts": [], "agents": [],
+        "engine": {"url": "https://127.0.0.1:15470/ovirt-engine/api", "pid": 9,
+                   "running": True, "log": "/x/engine/engine.log"},
+    })
+    assert text.splitlines()[-1] == ("engine: https://127.0.0.1:15470/ovirt-engine/api "
+                                     "(running, pid 9; log /x/engine/engine.log)")
+
+
 def test_target_wwid_is_what_a_guest_saw() -> None:
     # lab.md: tgt's tid 1 LUN 1 appeared in a guest as by-id scsi-360000000000000000e00000000010001
     target = TargetInfo(tid=1, iqn="iqn.x:t", address="127.0.0.1", port=3260, luns=())
     assert target.wwid(1) == "360000000000000000e00000000010001"
     assert TargetInfo(2, "iqn.x:u", "127.0.0.1", 3260, ()).wwid(260) == \
         "360000000000000000e00000000020104"
+
+
+def test_leftovers_of_a_lab_are_not_its_siblings(tmp_path: Path) -> None:
+    # `.lab` (the demo) must not report, or detach, what `.lab-test` (the tests) runs.
+    procs = [subprocess.Popen(["sh", "-c", "sleep 30", "sh", str(tmp_path / name / "x.toml")])
+             for name in ("lab", "lab-test")]
+    try:
+        found = leftovers(tmp_path / "lab")
+        assert len(found) == 1 and f"process {procs[0].pid}:" in found[0]
+        assert [f"process {procs[1].pid}:" in line for line in leftovers(tmp_path / "lab-test")
+                ] == [True]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()

@@ -40,8 +40,7 @@ class Services:
             audit.record(tx, kind, **values)  # type: ignore[arg-type]
 
 
-def build_services(config: EngineConfig) -> Services:
-    db = Database(config.database_url, echo=config.database.echo)
+def build_services(config: EngineConfig, db: Database) -> Services:
     auth = Authenticator(db, token_lifetime=datetime.timedelta(
         minutes=config.auth.token_lifetime_minutes))
     tls = ClientTls(cert=config.hosts.cert, key=config.hosts.key, ca=config.hosts.ca)

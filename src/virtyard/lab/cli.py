@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--port-base", type=int,
                     help="use ports from here instead of the profile's (a third lab, say)")
     sub.add_parser("down", help="stop everything and remove the state directory")
-    demo = sub.add_parser("demo", help="the demo on a running lab: target, connections, VM")
+    demo = sub.add_parser("demo", help="the demo on a running lab: target, connections, VM, "
+                                       "the hosts in the engine")
     demo.add_argument("--env-file", type=Path, help="also write its variables here")
     run = sub.add_parser("exec", help="run a shell command inside a lab guest (qemu-ga)")
     run.add_argument("vm", help="the VM's UUID or name, on any lab host")
@@ -121,6 +122,11 @@ def format_status(status: dict[str, object]) -> str:
         lines.append(f"agent {agent['name']}: https://{agent['address']}/jsonrpc "
                      f"({'running' if agent['running'] else 'stopped'}, pid {agent['pid'] or '-'};"
                      f" log {agent['log']})")
+    engine = status.get("engine")
+    if isinstance(engine, dict):
+        state = "running" if engine["running"] else "stopped"
+        lines.append(f"engine: {engine['url']} ({state}, pid {engine['pid'] or '-'}; "
+                     f"log {engine['log']})")
     return "\n".join(lines)
 
 

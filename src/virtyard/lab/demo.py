@@ -1,7 +1,8 @@
 """What ``make demo`` sets up on top of the lab: a demo target, agents connected to it, a
-block storage domain on its third LUN holding one small ISO (a text file inside), and a demo
-VM (the tiny guest) with the first LUN as a direct LUN disk and an empty CD-ROM. Idempotent:
-run it again and it finds what is there."""
+block storage domain on its third LUN holding one small ISO (a text file inside), a demo VM
+(the tiny guest) with the first LUN as a direct LUN disk and an empty CD-ROM, and the lab's
+hosts registered in the lab's engine (through its REST API) and ``up`` there. Idempotent: run
+it again and it finds what is there."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ import hashlib
 import json
 import subprocess
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from virtyard.host.client import HostCallError
+from virtyard.lab import ports
+from virtyard.lab.errors import LabError
 from virtyard.lab.guest_image import DEFAULT_CMDLINE
 from virtyard.lab.iscsi_target import TargetInfo
 from virtyard.lab.lab import Lab
@@ -61,8 +65,41 @@ def _iso_domain(lab: Lab, target: TargetInfo) -> dict[str, str]:
     return pdiv
 
 
+def register_hosts(lab: Lab, *, timeout: float = 60.0) -> dict[str, str]:
+    """Every lab host in the lab's engine (``POST /hosts`` unless a host of that name is
+    there: then it is left as it is); returns once each is ``up`` (or in maintenance, where
+    someone put it): name -> engine host id."""
+    with lab.engine.api() as api:
+        def hosts() -> dict[str, dict[str, Any]]:
+            answer = api.get("/hosts")
+            answer.raise_for_status()
+            return {h["name"]: h for h in answer.json().get("host", [])}
+
+        known = hosts()
+        for agent in lab.agents:
+            if agent.name not in known:
+                answer = api.post("/hosts", json={"name": agent.name, "address": ports.LOOPBACK,
+                                                  "port": agent.port})
+                if answer.status_code != 201:
+                    raise LabError(f"the engine did not add {agent.name}: "
+                                   f"{answer.status_code} {answer.text[:300]}")
+        deadline = time.monotonic() + timeout
+        while True:
+            known = hosts()
+            waiting = {a.name: known[a.name] for a in lab.agents
+                       if known[a.name]["status"] not in ("up", "maintenance")}
+            if not waiting:
+                return {a.name: str(known[a.name]["id"]) for a in lab.agents}
+            if time.monotonic() > deadline:
+                raise LabError(f"engine hosts not up after {timeout:g} s: " + "; ".join(
+                    f"{name} {h['status']} {h.get('status_detail', '')}".strip()
+                    for name, h in waiting.items()))
+            time.sleep(0.5)
+
+
 def set_up(lab: Lab) -> dict[str, str]:
-    """Target, connections and the demo VM; returns the ``demo.env`` additions."""
+    """Target, connections, the demo VM, the hosts in the engine; returns the ``demo.env``
+    additions."""
     target = next((t for t in lab.storage.targets() if t.iqn.endswith(f":{DEMO_TARGET}")), None)
     if target is None:
         target = lab.storage.create_target(DEMO_TARGET, DEMO_LUN_SIZES)
@@ -97,5 +134,6 @@ def set_up(lab: Lab) -> dict[str, str]:
             except HostCallError as exc:
                 if exc.code != 4:  # already exists (e.g. on another host after a migration)
                     raise
+    register_hosts(lab)
     return {"VIRTYARD_DEMO_VM": vm_id, "VIRTYARD_DEMO_TARGET": target.iqn,
             "VIRTYARD_DEMO_ISO": json.dumps(iso)}

@@ -13,6 +13,7 @@ import contextlib
 import os
 import secrets
 import signal
+import ssl
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,7 +149,8 @@ class EngineProcess:
         """An httpx client of the REST API (JSON, the lab's CA, a bearer token of ``user``);
         paths are relative to the API (``api.get("/hosts")``); logged out at the end."""
         base = f"https://{ports.LOOPBACK}:{self.port}"
-        with httpx.Client(base_url=self.url, verify=str(self.ca_file), timeout=timeout) as client:
+        tls = ssl.create_default_context(cafile=str(self.ca_file))
+        with httpx.Client(base_url=self.url, verify=tls, timeout=timeout) as client:
             answer = client.post(base + SSO_TOKEN_PATH, data={
                 "grant_type": "password", "scope": "ovirt-app-api", "username": user,
                 "password": self.password if password is None else password})

@@ -1,4 +1,5 @@
-"""The whole lab in one directory: tgtd, N libvirtd hosts, the tiny guest, and their state.
+"""The whole lab in one directory: tgtd, N libvirtd hosts with their agents, the engine (on
+SQLite in ``engine/``), the tiny guest, and their state.
 
 ``up`` is idempotent and all-or-nothing (what it started is stopped again when a later step
 fails); ``down`` stops everything and leaves no process, loop device, mount or file behind.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -20,6 +22,7 @@ from typing import Any
 from virtyard.host.client import ClientTls, HostClient
 from virtyard.lab import ports
 from virtyard.lab.agents import AgentProcess, LabPki
+from virtyard.lab.engine import ADMIN, EngineProcess
 from virtyard.lab.errors import LabError, MissingPackageError
 from virtyard.lab.guest_image import GuestImage, build_guest_image
 from virtyard.lab.hypervisor import HypervisorHost
@@ -50,6 +53,7 @@ class LabConfig:
     libvirt_base_port: int
     migration_base_port: int
     agent_base_port: int
+    engine_port: int
     host_count: int = 2
     cache_dir: Path | None = None
 
@@ -57,21 +61,23 @@ class LabConfig:
     def demo(cls, state_dir: Path) -> LabConfig:
         """The lab ``make demo`` runs."""
         return cls(state_dir, iscsi_port=13260, tgt_control_port=1326,
-                   libvirt_base_port=16610, migration_base_port=49200, agent_base_port=15430)
+                   libvirt_base_port=16610, migration_base_port=49200, agent_base_port=15430,
+                   engine_port=15470)
 
     @classmethod
     def test(cls, state_dir: Path) -> LabConfig:
         """The lab the test suite runs: its own directory and ports, so both can run at once."""
         return cls(state_dir, iscsi_port=23260, tgt_control_port=2326,
-                   libvirt_base_port=26610, migration_base_port=49400, agent_base_port=25430)
+                   libvirt_base_port=26610, migration_base_port=49400, agent_base_port=25430,
+                   engine_port=25470)
 
     def with_port_base(self, base: int) -> LabConfig:
-        """The same lab on ports from ``base`` on (iSCSI, libvirtd, migration ranges)."""
+        """The same lab on ports from ``base`` on (iSCSI, libvirtd, agents, engine, migration)."""
         if not 1024 <= base <= 60000:
             raise LabError(f"port base {base} must be between 1024 and 60000")
         return replace(self, iscsi_port=base, tgt_control_port=base % 10000,
                        libvirt_base_port=base + 10, migration_base_port=base + 100,
-                       agent_base_port=base + 50)
+                       agent_base_port=base + 50, engine_port=base + 90)
 
     def shifted(self, offset: int) -> LabConfig:
         """The same lab with every port moved by ``offset`` (a second test run, say)."""
@@ -79,7 +85,8 @@ class LabConfig:
                        tgt_control_port=self.tgt_control_port + offset,
                        libvirt_base_port=self.libvirt_base_port + offset,
                        migration_base_port=self.migration_base_port + offset,
-                       agent_base_port=self.agent_base_port + offset)
+                       agent_base_port=self.agent_base_port + offset,
+                       engine_port=self.engine_port + offset)
 
     def to_json(self) -> dict[str, Any]:
         raw = asdict(self)
@@ -89,6 +96,8 @@ class LabConfig:
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> LabConfig:
+        # A lab.json written before the engine joined the lab: its port by the profiles' rule.
+        raw = {"engine_port": raw["agent_base_port"] + 40, **raw}
         return cls(**{**raw, "state_dir": Path(raw["state_dir"]),
                       "cache_dir": Path(raw["cache_dir"]) if raw.get("cache_dir") else None})
 
@@ -98,6 +107,7 @@ class LabConfig:
         for i in range(self.host_count):
             yield self.libvirt_base_port + i, f"libvirtd of host{i + 1}"
             yield self.agent_base_port + i, f"host agent of host{i + 1}"
+        yield self.engine_port, "engine REST API"
 
 
 class Lab:
@@ -115,6 +125,8 @@ class Lab:
                          migration_uri=h.migration_uri,
                          virt_type="kvm" if self.accelerator == "kvm" else "qemu")
             for i, h in enumerate(self.hosts)]
+        # The engine on SQLite in engine/ (its state, log, admin password), with the lab's CA.
+        self.engine = EngineProcess(self.state_dir / "engine", config.engine_port, self.pki)
 
     @classmethod
     def load(cls, state_dir: Path) -> Lab | None:
@@ -150,7 +162,7 @@ class Lab:
         check_prerequisites()
         self._check_ports()
         fresh = not self.storage.is_running() and not any(h.is_running() for h in self.hosts)
-        started: list[HypervisorHost | TargetServer | AgentProcess] = []
+        started: list[HypervisorHost | TargetServer | AgentProcess | EngineProcess] = []
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             self.console_dir.mkdir(exist_ok=True)
@@ -179,6 +191,9 @@ class Lab:
                 if not agent.is_running():
                     agent.start()
                     started.append(agent)
+            if not self.engine.is_running():
+                self.engine.start()
+                started.append(self.engine)
         except BaseException:
             for part in reversed(started):
                 part.stop()
@@ -191,6 +206,7 @@ class Lab:
         running = {self.config.iscsi_port} if self.storage.is_running() else set()
         running |= {h.tcp_port for h in self.hosts if h.is_running()}
         running |= {a.port for a in self.agents if a.is_running()}
+        running |= {self.engine.port} if self.engine.is_running() else set()
         for port, purpose in self.config.all_ports():
             if port not in running:
                 ports.ensure_free(port, purpose)
@@ -216,8 +232,8 @@ class Lab:
     def down(self) -> None:
         """Stop everything and remove the state directory; safe to run twice."""
         errors: list[LabError] = []
-        parts: list[HypervisorHost | TargetServer | AgentProcess] = [
-            *self.agents, *self.hosts, self.storage]
+        parts: list[HypervisorHost | TargetServer | AgentProcess | EngineProcess] = [
+            self.engine, *self.agents, *self.hosts, self.storage]
         for part in parts:
             try:
                 part.stop()
@@ -253,6 +269,7 @@ class Lab:
             "iscsi": self.storage.status(),
             "hosts": [h.status() for h in self.hosts],
             "agents": [a.status() for a in self.agents],
+            "engine": self.engine.status(),
         }
 
     def agent_client(self, index: int) -> HostClient:
@@ -269,6 +286,10 @@ class Lab:
             "VIRTYARD_HOST_CERT": str(self.pki.client.cert),
             "VIRTYARD_HOST_KEY": str(self.pki.client.key),
             "VIRTYARD_HOST_CA": str(self.pki.ca.cert),
+            "VIRTYARD_ENGINE_URL": self.engine.url,
+            "VIRTYARD_ENGINE_USER": ADMIN,
+            "VIRTYARD_ENGINE_PASSWORD": self.engine.password,
+            "VIRTYARD_ENGINE_CA": str(self.engine.ca_file),
         }
 
     def _load(self) -> dict[str, Any]:
@@ -303,6 +324,7 @@ def leftovers(state_dir: Path) -> list[str]:
     those in other mount namespaces (the hosts' libvirtd and QEMU) are seen too.
     """
     root = str(state_dir.resolve())
+    names_root = _path_pattern(root)
     found: list[str] = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
@@ -312,7 +334,7 @@ def leftovers(state_dir: Path) -> list[str]:
             mounts = (proc / "mountinfo").read_text(errors="replace")
         except OSError:
             continue
-        if root in cmdline:
+        if names_root.search(cmdline):
             found.append(f"process {proc.name}: {cmdline.strip()[:200]}")
         elif f" {root}/" in mounts or f" {root} " in mounts:
             found.append(f"process {proc.name} holds mounts under {root}: {cmdline.strip()[:120]}")
@@ -339,9 +361,15 @@ def loop_devices_under(root: Path) -> list[str]:
     out = run(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE"], check=False).stdout
     if not out.strip():
         return []
-    prefix = str(root.resolve())
+    under = _path_pattern(str(root.resolve()))
     return [d["name"] for d in json.loads(out).get("loopdevices", [])
-            if (d.get("back-file") or "").startswith(prefix)]
+            if under.match(d.get("back-file") or "")]
+
+
+def _path_pattern(root: str) -> re.Pattern[str]:
+    """``root`` itself or a path under it, not a sibling sharing its prefix (``.lab`` must not
+    find ``.lab-test``'s processes or loop devices)."""
+    return re.compile(re.escape(root) + r"(?![^/\s,:;=])")
 
 
 def detach_loop_devices_under(root: Path) -> None:
