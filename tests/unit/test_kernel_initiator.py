@@ -703,6 +703,78 @@ def test_devices_spent_budget_skips_serials(host: Host) -> None:
     host.script.done()  # no scsi_id was run
 
 
+# --- a dead target: failed sessions and failed paths --------------------------------------------
+
+# Session 2 (192.0.2.11, paths sdd 8:48 and sde 8:64) lost its target: multipath failed them.
+DM_STATUS_C2_DOWN = DM_STATUS.replace("8:64 A", "8:64 F")
+
+
+def fail_session(host: Host, sid: int, state: str = "FAILED") -> None:
+    (host.root / "sys" / "class" / "iscsi_session" / f"session{sid}" / "state").write_text(
+        f"{state}\n")
+
+
+def test_scan_reports_a_failed_session_and_fails_its_paths(host: Host) -> None:
+    fail_session(host, 2)
+    host.script.expect(DMSETUP, CommandResult(0, DM_STATUS_C2_DOWN, ""))
+    host.script.expect(scsi_id(host, "dm-1"), CommandResult(0, fixture("scsi_id_sata_disk.txt"),
+                                                            ""))
+    host.script.expect(scsi_id(host, "dm-2"), result(RECORDED["scsi_id_virtio_disk"]))
+    scan = host.initiator.scan([C1, C2], guids=None, read_head=0, timeout=30)
+    [down] = scan.failures
+    assert (down.connection, down.kind) == (C2, "session")
+    assert "session 2 is FAILED" in down.detail and IQN in down.detail
+    assert [d.guid for d in scan.devices] == [W1, W2]
+    assert scan.devices[0].paths == [PathInfo(C1, 1, "active", "sdb"),
+                                     PathInfo(C2, 1, "failed", "sdd", down)]
+    assert scan.devices[1].paths == [PathInfo(C1, 2, "active", "sdc"),
+                                     PathInfo(C2, 2, "failed", "sde", down)]
+    assert scan.devices[0].serial == "SATA_WDC_WD2502ABYS-1_WD-WMAT16865419"  # still asked
+    host.script.done()
+
+
+def test_scan_fails_the_paths_of_a_failed_session_whatever_multipath_says(host: Host) -> None:
+    fail_session(host, 2)  # multipathd's checker has not noticed yet: dm still says A
+    host.script.expect(DMSETUP, CommandResult(0, DM_STATUS, ""))
+    host.script.expect(scsi_id(host, "dm-2"), result(RECORDED["scsi_id_virtio_disk"]))
+    [device] = host.initiator.devices([C2], guids=frozenset({W2}), read_head=0, timeout=30)
+    assert [(p.state, p.failure is not None) for p in device.paths] == [("failed", True)]
+    host.script.done()
+
+
+@pytest.mark.parametrize("state", ["FAILED", "LOGGED_IN"])
+def test_scan_does_not_read_a_map_whose_paths_all_failed(host: Host, state: str) -> None:
+    """Its I/O would queue (queue_if_no_path) until a path comes back: no scsi_id, no head.
+    Whether the session knows it yet (FAILED) or only multipath does (LOGGED_IN)."""
+    fail_session(host, 2, state)
+    (host.dev / "mapper").mkdir()
+    (host.dev / "mapper" / W1).write_bytes(b"L" * 4096)
+    (host.dev / "mapper" / W2).write_bytes(b"L" * 4096)
+    all_down = DM_STATUS_C2_DOWN.replace("8:16 A", "8:16 F").replace("8:32 A", "8:32 F")
+    host.script.expect(DMSETUP, CommandResult(0, all_down, ""))  # and nothing else
+    scan = host.initiator.scan([C2], guids=None, read_head=512, timeout=30)
+    assert [(d.guid, d.serial, d.head) for d in scan.devices] == [(W1, "", None), (W2, "", None)]
+    down = scan.failures[0] if scan.failures else None
+    assert (down is not None) == (state == "FAILED")
+    assert scan.devices[0].paths == [PathInfo(C2, 1, "failed", "sdd", down)]
+    assert scan.devices[0].capacity == 64 << 20  # what sysfs knows is still reported
+    host.script.done()
+
+
+def test_scan_reports_a_connection_without_a_session(host: Host) -> None:
+    gone = Connection("c9", Portal("192.0.2.99", 3260), IQN)
+    host.script.expect(DMSETUP, CommandResult(0, DM_STATUS, ""))
+    host.script.expect(scsi_id(host, "dm-1"), result(RECORDED["scsi_id_virtio_disk"]))
+    host.script.expect(scsi_id(host, "dm-2"), result(RECORDED["scsi_id_virtio_disk"]))
+    scan = host.initiator.scan([C1, gone], guids=None, read_head=0, timeout=30)
+    assert [d.guid for d in scan.devices] == [W1, W2]
+    assert all(p.connection == C1 and p.failure is None
+               for d in scan.devices for p in d.paths)
+    assert [(f.connection, f.kind) for f in scan.failures] == [(gone, "session")]
+    assert "no iSCSI session" in scan.failures[0].detail
+    host.script.done()
+
+
 # --- device path and reads ---------------------------------------------------------------------
 
 def test_device_path(host: Host) -> None:

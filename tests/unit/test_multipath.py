@@ -332,10 +332,12 @@ def test_sysfs_hbtl_without_scsi_disk_dir(sysfs: mp.Sysfs) -> None:
 def test_sysfs_iscsi_sessions(sysfs: mp.Sysfs) -> None:
     sessions = sysfs.iscsi_sessions()
     assert sessions == [
-        mp.IscsiSession(1, "iqn.2026-11.org.virtyard.lab:rec", 1, "192.0.2.10", 3260, "default"),
-        mp.IscsiSession(2, "iqn.2026-11.org.virtyard.lab:rec", 1, "192.0.2.11", 3260, "default"),
+        mp.IscsiSession(1, "iqn.2026-11.org.virtyard.lab:rec", 1, "192.0.2.10", 3260, "default",
+                        "LOGGED_IN"),
+        mp.IscsiSession(2, "iqn.2026-11.org.virtyard.lab:rec", 1, "192.0.2.11", 3260, "default",
+                        "LOGGED_IN"),
         mp.IscsiSession(3, "iqn.2026-11.org.virtyard.lab:other", 1, "192.0.2.12", 3260,
-                        "default"),
+                        "default", "LOGGED_IN"),
     ]
     assert sysfs.iscsi_session(42) is None
 

@@ -13,14 +13,20 @@ probed from the bytes fetched so far; the ranges the probes missed, across all L
 with one :meth:`Initiator.read_many` (the user-space initiator pipelines them on one session per
 target), and the LUNs that missed are probed again. A LUN whose reads fail is reported without a
 status (``usage`` ``None``: "unknown", never "free") instead of failing the whole listing.
+
+A dead or unreachable target never hides the others: every target is listed on its own
+(:meth:`Initiator.scan`), and the LUNs the last listing saw through a connection that now fails
+stay listed with those paths ``failed``, carrying the failure (:func:`merge_scan`); they are
+not probed (status unknown) and not visible. Once the target answers again, the next listing
+shows them as before.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Final
 
 from virtyard.host.storage import blkid, signatures
@@ -28,9 +34,11 @@ from virtyard.host.storage.connections import ConnectionRegistry
 from virtyard.host.storage.initiator import (
     Connection,
     Device,
+    DeviceScan,
     Initiator,
     InitiatorError,
     InitiatorReadError,
+    PathInfo,
 )
 
 log = logging.getLogger("virtyard.host.storage.devices")
@@ -62,7 +70,11 @@ class DeviceService:
 
     def listing(self, *, guids: frozenset[str] | None, check_status: bool,
                 refresh: bool) -> list[DeviceEntry]:
-        """Disk LUNs (filtered by ``guids``), probed for signatures when ``check_status``."""
+        """Disk LUNs (filtered by ``guids``), probed for signatures when ``check_status``.
+
+        A connection that cannot be listed does not fail the listing: the LUNs the last listing
+        saw through it are kept, with those paths failed (see :func:`merge_scan`).
+        """
         if refresh or not self._cache:
             entries = self._scan(self.connections.all(), guids=guids, check_status=check_status)
             with self._lock:
@@ -81,18 +93,23 @@ class DeviceService:
         return cached
 
     def connected(self, connection: Connection) -> None:
-        """A new connection is up: add its LUNs to the cache (no full rescan)."""
+        """A new connection is up: add its LUNs to the cache (no full rescan).
+
+        Paths through its session replace those the cache had (failed ones included).
+        """
         entries = self._scan([connection], guids=None, check_status=False)
+        key = connection.session_key()
         with self._lock:
             for entry in entries:
                 known = self._cache.get(entry.device.guid)
                 if known is None:
                     self._cache[entry.device.guid] = entry
-                else:
-                    keys = {(p.connection.session_key(), p.lun) for p in known.device.paths}
-                    known.device.paths.extend(
-                        p for p in entry.device.paths
-                        if (p.connection.session_key(), p.lun) not in keys)
+                    continue
+                fresh = {(p.connection.session_key(), p.lun) for p in entry.device.paths}
+                kept = [p for p in known.device.paths
+                        if (p.connection.session_key(), p.lun) not in fresh
+                        and not (p.connection.session_key() == key and p.state == "failed")]
+                known.device.paths = _active_first(kept + entry.device.paths)
 
     def disconnected(self, connection: Connection) -> None:
         """A session is gone: drop its paths, and the LUNs left with none."""
@@ -105,25 +122,40 @@ class DeviceService:
                     del self._cache[guid]
 
     def visibility(self, guids: list[str]) -> dict[str, bool]:
-        """Whether this host sees each LUN; an unknown one triggers one rescan before 'no'."""
+        """Whether this host sees each LUN: known, with at least one active path, as of the
+        last listing (no I/O, as a multipath map that is still there). A LUN that is not
+        triggers one rescan before 'no': a LUN whose every path failed is not visible."""
         with self._lock:
-            seen = {g: g in self._cache for g in guids}
+            seen = {g: _reachable(self._cache.get(g)) for g in guids}
         if not all(seen.values()):
             entries = self._scan(self.connections.all(), guids=None, check_status=False)
             with self._lock:
+                for entry in entries:  # keep what probing found for LUNs still reachable
+                    old = self._cache.get(entry.device.guid)
+                    if old is not None and _reachable(entry):
+                        entry.usage = old.usage
                 self._cache = {e.device.guid: e for e in entries}
-                seen = {g: g in self._cache for g in guids}
+                seen = {g: _reachable(self._cache.get(g)) for g in guids}
         return seen
 
     def _scan(self, connections: list[Connection], *, guids: frozenset[str] | None,
               check_status: bool) -> list[DeviceEntry]:
-        devices = self.initiator.devices(
+        scan = self.initiator.scan(
             connections, guids=guids, read_head=self.probe_bytes if check_status else 0,
             timeout=self.timeout)
+        for failure in scan.failures:
+            log.warning("connection %s (%s at %s) cannot be listed, its paths are failed: "
+                        "%s: %s", failure.connection.id, failure.connection.iqn,
+                        failure.connection.portal, failure.kind, failure.detail)
+        with self._lock:
+            known = [e.device for e in self._cache.values()]
+        devices = merge_scan(scan, known, guids=guids)
         if not check_status:
             return [DeviceEntry(d) for d in devices]
-        return [DeviceEntry(d, usage)
-                for d, usage in zip(devices, self._probe_all(devices), strict=True)]
+        # A LUN with no working path is not read (a dead target would only cost time).
+        probed = [d for d in devices if _has_active_path(d)]
+        usages = dict(zip((id(d) for d in probed), self._probe_all(probed), strict=True))
+        return [DeviceEntry(d, usages.get(id(d))) for d in devices]
 
     def _probe_all(self, devices: Sequence[Device]) -> list[signatures.Usage | None]:
         """:func:`signatures.probe` of every device, its reads past the head batched in rounds.
@@ -192,6 +224,52 @@ class DeviceService:
             return self.initiator.read_many([(device, offset, length)], timeout=self.timeout)[0]
 
         return read
+
+
+def merge_scan(scan: DeviceScan, known: Iterable[Device], *,
+               guids: frozenset[str] | None = None) -> list[Device]:
+    """The devices of ``scan``, plus what ``known`` (the last listing) saw through the
+    connections that failed in it.
+
+    For every failed connection, each LUN known through its session keeps those paths, marked
+    ``failed`` with the connection's failure: added to the LUN when another connection still
+    lists it (multipath), or as the LUN's only paths otherwise (without its first bytes, so it
+    is never probed: its status is unknown). A path the scan itself reports is never doubled.
+    Paths are ordered active first (readers use the first path). Sorted by GUID.
+    """
+    failed = {f.connection.session_key(): f for f in reversed(scan.failures)}
+    devices = {d.guid: d for d in scan.devices}
+    for old in known:
+        if guids is not None and old.guid not in guids:
+            continue
+        carried = [replace(p, state="failed", failure=failed[key])
+                   for p in old.paths if (key := p.connection.session_key()) in failed]
+        if not carried:
+            continue
+        device = devices.get(old.guid)
+        if device is None:
+            devices[old.guid] = replace(old, paths=carried, head=None)
+            continue
+        listed = {(p.connection.session_key(), p.lun) for p in device.paths}
+        device.paths.extend(p for p in carried
+                            if (p.connection.session_key(), p.lun) not in listed)
+        if not device.serial and not _has_active_path(device):
+            device.serial = old.serial  # a map whose paths all failed cannot be asked
+    for device in devices.values():
+        device.paths = _active_first(device.paths)
+    return sorted(devices.values(), key=lambda d: d.guid)
+
+
+def _has_active_path(device: Device) -> bool:
+    return any(p.state == "active" for p in device.paths)
+
+
+def _reachable(entry: DeviceEntry | None) -> bool:
+    return entry is not None and _has_active_path(entry.device)
+
+
+def _active_first(paths: list[PathInfo]) -> list[PathInfo]:
+    return sorted(paths, key=lambda p: p.state != "active")
 
 
 class _NotFetchedError(Exception):

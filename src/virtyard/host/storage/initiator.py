@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import abc
 import ipaddress
+import logging
 import os
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
 InitiatorKind = Literal["userspace", "kernel"]
+
+log = logging.getLogger(__name__)
 
 
 class InitiatorError(Exception):
@@ -119,13 +124,34 @@ class Connection:
 
 
 @dataclass(frozen=True)
+class ConnectionFailure:
+    """A connection whose LUNs could not be listed, and why (``kind`` as in
+    :class:`InitiatorError`: connect, target-not-found, login, timeout, session, …)."""
+
+    connection: Connection
+    kind: str
+    detail: str
+
+    @classmethod
+    def of(cls, connection: Connection, exc: Exception) -> ConnectionFailure:
+        if isinstance(exc, InitiatorError):
+            return cls(connection, exc.kind, exc.detail)
+        return cls(connection, "internal", f"{type(exc).__name__}: {exc}")
+
+
+@dataclass(frozen=True)
 class PathInfo:
-    """One path to a LUN: the session it goes through and its state."""
+    """One path to a LUN: the session it goes through and its state.
+
+    ``failure`` says why a failed path is failed when its connection itself failed (the
+    target could not be reached or its session is down); ``None`` otherwise.
+    """
 
     connection: Connection
     lun: int
     state: Literal["active", "failed"] = "active"
     physdev: str = ""
+    failure: ConnectionFailure | None = None
 
 
 @dataclass
@@ -144,6 +170,31 @@ class Device:
     paths: list[PathInfo] = field(default_factory=list)
     # The first bytes of the LUN, read only when status probing was asked for.
     head: bytes | None = None
+
+
+@dataclass
+class DeviceScan:
+    """What one listing found: the LUNs that answered, and the connections that did not.
+
+    A failed connection never hides the others: its LUNs are simply missing from ``devices``
+    (or, with the kernel initiator, present with failed paths) and it is in ``failures``.
+    """
+
+    devices: list[Device] = field(default_factory=list)
+    failures: list[ConnectionFailure] = field(default_factory=list)
+
+
+def merge_devices(found: Iterable[list[Device]]) -> list[Device]:
+    """Devices from several listings merged by GUID (one more path per listing), sorted."""
+    merged: dict[str, Device] = {}
+    for devices in found:
+        for device in devices:
+            known = merged.get(device.guid)
+            if known is None:
+                merged[device.guid] = device
+            else:  # the same LUN seen through another portal: one more path
+                known.paths.extend(device.paths)
+    return sorted(merged.values(), key=lambda d: d.guid)
 
 
 class Initiator(abc.ABC):
@@ -170,8 +221,46 @@ class Initiator(abc.ABC):
         """Disk LUNs reachable through ``connections`` (array controllers skipped).
 
         ``guids`` restricts the answer; ``read_head`` > 0 also reads that many first bytes of
-        each LUN for signature probing.
+        each LUN for signature probing. A target that cannot be listed may fail the whole call:
+        listings that must survive a dead target use :meth:`scan`.
         """
+
+    def scan(self, connections: list[Connection], *, guids: frozenset[str] | None,
+             read_head: int, timeout: float) -> DeviceScan:
+        """:meth:`devices`, but every session on its own: one that fails is reported in
+        :attr:`DeviceScan.failures` (once per connection using it) instead of failing the call.
+
+        This default lists each session with :meth:`devices` in parallel threads (so a dead
+        target costs the listing at most its own bound, not its sum with the others);
+        initiators that see all sessions in one pass override it.
+        """
+        groups: dict[tuple[str, int, str, int], list[Connection]] = {}
+        for connection in connections:
+            groups.setdefault(connection.session_key(), []).append(connection)
+        if not groups:
+            return DeviceScan()
+
+        def one(group: list[Connection]) -> list[Device] | Exception:
+            try:
+                return self.devices(group[:1], guids=guids, read_head=read_head,
+                                    timeout=timeout)
+            except Exception as exc:  # one target must never fail the others
+                if not isinstance(exc, InitiatorError):
+                    log.exception("listing LUNs of %s at %s failed", group[0].iqn,
+                                  group[0].portal)
+                return exc
+
+        with ThreadPoolExecutor(max_workers=min(16, len(groups))) as pool:
+            answers = list(pool.map(one, groups.values()))
+        scan = DeviceScan()
+        found = []
+        for group, answer in zip(groups.values(), answers, strict=True):
+            if isinstance(answer, Exception):
+                scan.failures.extend(ConnectionFailure.of(c, answer) for c in group)
+            else:
+                found.append(answer)
+        scan.devices = merge_devices(found)
+        return scan
 
     def read(self, device: Device, offset: int, length: int, *, timeout: float) -> bytes:
         """``length`` bytes of ``device`` at ``offset`` (signature probing past the head)."""

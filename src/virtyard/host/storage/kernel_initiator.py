@@ -41,7 +41,9 @@ from virtyard.host.storage import multipath
 from virtyard.host.storage.initiator import (
     Chap,
     Connection,
+    ConnectionFailure,
     Device,
+    DeviceScan,
     DiscoveredTarget,
     Initiator,
     InitiatorAuthError,
@@ -77,6 +79,7 @@ DIAGNOSTIC_TIMEOUT = 3.0
 PROBE_TIMEOUT = 10.0
 MAX_POLL_INTERVAL = 1.0
 HEAD_ALIGN = 4096  # O_DIRECT needs buffer, offset and length aligned to the logical block size
+SESSION_LOGGED_IN = "LOGGED_IN"  # /sys/class/iscsi_session/sessionN/state of a working session
 
 # Discovery records are per portal for the whole host, and node records per target/portal:
 # serialise changes to them across threads (logins themselves run in parallel).
@@ -507,36 +510,75 @@ class KernelInitiator(Initiator):
     def devices(self, connections: list[Connection], *, guids: frozenset[str] | None,
                 read_head: int, timeout: float) -> list[Device]:
         """Multipath maps with at least one path through ``connections``, sorted by GUID."""
-        with _translated():
-            return self._devices(connections, guids=guids, read_head=read_head,
-                                 timeout=timeout)
+        return self.scan(connections, guids=guids, read_head=read_head,
+                         timeout=timeout).devices
 
-    def _devices(self, connections: list[Connection], *, guids: frozenset[str] | None,
-                 read_head: int, timeout: float) -> list[Device]:
+    def scan(self, connections: list[Connection], *, guids: frozenset[str] | None,
+             read_head: int, timeout: float) -> DeviceScan:
+        """:meth:`devices` in one pass over sysfs, with the connections that are down.
+
+        A dead target does not take its LUNs away here: the kernel keeps the session (state
+        ``FAILED`` while it tries to reconnect) and multipath keeps the map, its paths failed.
+        Such a connection (or one with no session at all) is in :attr:`DeviceScan.failures`
+        and its paths carry that failure. A map with every path failed is not read (its I/O
+        would queue until a path comes back): no head and no serial, so it costs nothing.
+        """
+        with _translated():
+            return self._scan(connections, guids=guids, read_head=read_head, timeout=timeout)
+
+    def _scan(self, connections: list[Connection], *, guids: frozenset[str] | None,
+              read_head: int, timeout: float) -> DeviceScan:
         deadline = self._deadline(timeout)
+        resolved = {c.portal.host: self._resolve(c.portal.host) for c in connections}
         index: dict[tuple[str, int, str, int], Connection] = {}
         for connection in connections:
-            for address in self._resolve(connection.portal.host):
+            for address in resolved[connection.portal.host]:
                 index.setdefault((address, connection.portal.port, connection.iqn,
                                   connection.tpgt), connection)
         if not index:
-            return []
+            return DeviceScan()
+        failures = self._session_failures(connections, resolved)
         maps = [m for m in self.sysfs.multipath_maps() if guids is None or m.wwid in guids]
         states = self._path_states(deadline) if maps else {}
         sessions: dict[int, IscsiSession | None] = {}
         devices = []
         for dm_map in maps:
             device = self._device(dm_map, index=index, sessions=sessions, states=states,
-                                  read_head_bytes=read_head, deadline=deadline)
+                                  failures=failures, read_head_bytes=read_head,
+                                  deadline=deadline)
             if device is not None:
                 devices.append(device)
-        return sorted(devices, key=lambda d: d.guid)
+        return DeviceScan(sorted(devices, key=lambda d: d.guid), list(failures.values()))
+
+    def _session_failures(self, connections: list[Connection],
+                          resolved: dict[str, frozenset[str]]) -> dict[str, ConnectionFailure]:
+        """Connection id -> why it is down: no session in sysfs, or none logged in."""
+        sessions = self.sysfs.iscsi_sessions()
+        failures: dict[str, ConnectionFailure] = {}
+        for connection in connections:
+            mine = [s for s in sessions
+                    if s.targetname == connection.iqn and s.tpgt == connection.tpgt
+                    and s.persistent_port == connection.portal.port
+                    and normalize_address(s.persistent_address) in resolved[
+                        connection.portal.host]]
+            if not mine:
+                failures[connection.id] = ConnectionFailure(
+                    connection, ErrorKind.SESSION.value,
+                    f"no iSCSI session to {connection.iqn} at {connection.portal}")
+            elif not any(s.state in (None, SESSION_LOGGED_IN) for s in mine):
+                states = ", ".join(f"session {s.sid} is {s.state}" for s in mine)
+                failures[connection.id] = ConnectionFailure(
+                    connection, ErrorKind.SESSION.value,
+                    f"{states} (target {connection.iqn} at {connection.portal} unreachable)")
+        return failures
 
     def _device(self, dm_map: DmMap, *, index: dict[tuple[str, int, str, int], Connection],
                 sessions: dict[int, IscsiSession | None], states: dict[str, str],
-                read_head_bytes: int, deadline: float) -> Device | None:
+                failures: dict[str, ConnectionFailure], read_head_bytes: int,
+                deadline: float) -> Device | None:
         paths: list[PathInfo] = []
         first: multipath.BlockDisk | None = None
+        known_failed = 0
         for slave in dm_map.slaves:
             disk = self.sysfs.disk(slave)
             if disk is None or disk.sid is None:
@@ -551,27 +593,24 @@ class KernelInitiator(Initiator):
             if connection is None:
                 continue
             first = first or disk
+            state = states.get(disk.devnum)
+            known_failed += state == "failed"
+            down = session.state not in (None, SESSION_LOGGED_IN)
             paths.append(PathInfo(connection=connection,
                                   lun=disk.hbtl.lun if disk.hbtl else 0,
-                                  state="active" if states.get(disk.devnum) == "active"
+                                  state="active" if state == "active" and not down
                                   else "failed",
-                                  physdev=disk.name))
+                                  physdev=disk.name,
+                                  failure=failures.get(connection.id) if down else None))
         if first is None:
             return None
         if first.scsi_type is not None and first.scsi_type != multipath.SCSI_TYPE_DISK:
             return None
-        left = self._left(deadline)
-        serial = (multipath.scsi_serial(str(self.dev_root / dm_map.dm), self.runner,
-                                        timeout=min(PROBE_TIMEOUT, left), program=self._scsi_id)
-                  if left > 0 else "")
-        head = None
-        if read_head_bytes > 0:
-            path = self._map_path(dm_map)
-            try:
-                head = _bounded(lambda: read_head(path, read_head_bytes),
-                                min(PROBE_TIMEOUT, self._left(deadline)), f"reading {path}")
-            except (OSError, InitiatorError) as e:
-                log.warning("cannot read the first bytes of %s: %s", path, e)
+        if known_failed == len(paths):
+            log.info("%s: every path failed; not reading it (I/O would queue)", dm_map.wwid)
+            serial, head = "", None
+        else:
+            serial, head = self._serial_and_head(dm_map, read_head_bytes, deadline)
         return Device(
             guid=dm_map.wwid,
             vendor_id=first.vendor,
@@ -585,6 +624,22 @@ class KernelInitiator(Initiator):
             paths=paths,
             head=head,
         )
+
+    def _serial_and_head(self, dm_map: DmMap, read_head_bytes: int,
+                         deadline: float) -> tuple[str, bytes | None]:
+        left = self._left(deadline)
+        serial = (multipath.scsi_serial(str(self.dev_root / dm_map.dm), self.runner,
+                                        timeout=min(PROBE_TIMEOUT, left), program=self._scsi_id)
+                  if left > 0 else "")
+        head = None
+        if read_head_bytes > 0:
+            path = self._map_path(dm_map)
+            try:
+                head = _bounded(lambda: read_head(path, read_head_bytes),
+                                min(PROBE_TIMEOUT, self._left(deadline)), f"reading {path}")
+            except (OSError, InitiatorError) as e:
+                log.warning("cannot read the first bytes of %s: %s", path, e)
+        return serial, head
 
     def read(self, device: Device, offset: int, length: int, *, timeout: float) -> bytes:
         """``length`` bytes of the LUN at ``offset``, read directly from its multipath map."""

@@ -385,6 +385,8 @@ class IscsiSession:
     persistent_address: str
     persistent_port: int
     ifacename: str | None = None
+    # LOGGED_IN, FAILED (the connection dropped; the kernel is reconnecting) or FREE.
+    state: str | None = None
 
 
 @dataclass(frozen=True)
@@ -553,9 +555,11 @@ class Sysfs:
         if address is None or port is None or not port.strip().isdigit():
             return None
         iface = self._read(sdir / "ifacename")
+        state = self._read(sdir / "state")
         return IscsiSession(sid, targetname.strip(), self._int(sdir / "tpgt", -1),
                             address.strip(), int(port.strip()),
-                            iface.strip() if iface is not None else None)
+                            iface.strip() if iface is not None else None,
+                            state.strip() if state is not None else None)
 
     def session_scsi_devices(self, sid: int) -> list[ScsiDevice]:
         """The SCSI devices (LUNs) the kernel found behind session ``sid``."""

@@ -5,6 +5,10 @@ these credentials and records the connection; VMs reach the LUN through QEMU's o
 Device listing opens one session per target (in parallel across targets) and pipelines the
 SCSI commands for all its LUNs, so a listing costs about one round trip per target. Reads past
 the head for signature probing are batched the same way (:meth:`UserspaceInitiator.read_many`).
+Those listing and probing logins give up on a portal that does not answer after
+:data:`PROBE_LOGIN_TIMEOUT`, so a dead target costs a listing a few seconds at most; the
+listing itself (:meth:`~virtyard.host.storage.initiator.Initiator.scan`) lists each target on
+its own, so a dead one never fails the others.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from virtyard.host.storage import libiscsi, scsi
 from virtyard.host.storage.initiator import (
@@ -28,9 +32,16 @@ from virtyard.host.storage.initiator import (
     InitiatorReadError,
     PathInfo,
     Portal,
+    merge_devices,
 )
 
 T = TypeVar("T")
+
+# Listing and probing log in to every target anew: a live portal answers a login in
+# milliseconds, so a dead or unreachable one (no answer to the TCP connect or to the login) is
+# given up after this many seconds, whatever the caller's overall budget. Explicit logins
+# (connectStorageServer) keep the full login timeout.
+PROBE_LOGIN_TIMEOUT: Final = 5.0
 
 
 @dataclass
@@ -46,7 +57,9 @@ def _initiator_error(exc: libiscsi.IscsiError) -> InitiatorError:
     """One libiscsi error as the initiator-neutral :class:`InitiatorError`."""
     kind = InitiatorAuthError if isinstance(exc, libiscsi.IscsiAuthenticationError) \
         else InitiatorError
-    return kind(exc.kind.value, exc.detail, portal=exc.portal or "", target=exc.target or "")
+    # libiscsi's own text when it gave one, else ours (a timeout of ours has no libiscsi text)
+    return kind(exc.kind.value, exc.detail or exc.message, portal=exc.portal or "",
+                target=exc.target or "")
 
 
 @contextmanager
@@ -63,6 +76,11 @@ def _call(fn: Callable[[], T]) -> T:
         return fn()
 
 
+def _left(deadline: float) -> float:
+    """Seconds until ``deadline`` (a sliver when it passed: the command then times out)."""
+    return max(deadline - time.monotonic(), 0.001)
+
+
 def _chap(chap: Chap | None) -> libiscsi.Chap | None:
     return libiscsi.Chap(chap.username, str(chap.password)) if chap else None
 
@@ -72,8 +90,10 @@ class UserspaceInitiator(Initiator):
 
     kind = "userspace"
 
-    def __init__(self, initiator_name: str) -> None:
+    def __init__(self, initiator_name: str, *,
+                 probe_login_timeout: float = PROBE_LOGIN_TIMEOUT) -> None:
         self.initiator_name = initiator_name
+        self.probe_login_timeout = probe_login_timeout
 
     def discover(self, portal: Portal, chap: Chap | None, *,
                  timeout: float) -> list[DiscoveredTarget]:
@@ -102,31 +122,34 @@ class UserspaceInitiator(Initiator):
 
     def devices(self, connections: list[Connection], *, guids: frozenset[str] | None,
                 read_head: int, timeout: float) -> list[Device]:
+        """One session per target (targets in parallel threads); the first target that fails
+        fails the call (:meth:`~Initiator.scan` lists each target on its own)."""
         by_session: dict[tuple[str, int, str, int], Connection] = {}
         for connection in connections:
             by_session.setdefault(connection.session_key(), connection)
         if not by_session:
             return []
-        with ThreadPoolExecutor(max_workers=min(16, len(by_session))) as pool:
-            per_target = list(pool.map(
-                lambda c: self._target_devices(c, read_head, timeout), by_session.values()))
-        merged: dict[str, Device] = {}
-        for devices in per_target:
-            for device in devices:
-                if guids is not None and device.guid not in guids:
-                    continue
-                known = merged.get(device.guid)
-                if known is None:
-                    merged[device.guid] = device
-                else:  # the same LUN seen through another portal: one more path
-                    known.paths.extend(device.paths)
-        return sorted(merged.values(), key=lambda d: d.guid)
+        if len(by_session) == 1:
+            [connection] = by_session.values()
+            per_target = [self._target_devices(connection, read_head, timeout)]
+        else:
+            with ThreadPoolExecutor(max_workers=min(16, len(by_session))) as pool:
+                per_target = list(pool.map(
+                    lambda c: self._target_devices(c, read_head, timeout),
+                    by_session.values()))
+        return merge_devices([d for d in devices if guids is None or d.guid in guids]
+                             for devices in per_target)
 
     def _target_devices(self, connection: Connection, read_head: int,
                         timeout: float) -> list[Device]:
-        with _translated(), self._session(connection, timeout) as session:
-            luns = session.report_luns(timeout=timeout)
-            probes = libiscsi.probe_luns(session, luns, read_bytes=read_head, timeout=timeout)
+        """One target's LUNs; ``timeout`` bounds it all, the login at most
+        :attr:`probe_login_timeout` of it (an unreachable portal costs no more than that)."""
+        deadline = time.monotonic() + timeout
+        with _translated(), self._session(connection, min(timeout, self.probe_login_timeout)
+                                          ) as session:
+            luns = session.report_luns(timeout=_left(deadline))
+            probes = libiscsi.probe_luns(session, luns, read_bytes=read_head,
+                                         timeout=_left(deadline))
         devices = []
         for _, probe in sorted(probes.items()):
             device = device_from_probe(probe, connection)
@@ -136,8 +159,10 @@ class UserspaceInitiator(Initiator):
 
     def read(self, device: Device, offset: int, length: int, *, timeout: float) -> bytes:
         path = device.paths[0]
-        with _translated(), self._session(path.connection, timeout) as session:
-            return session.read(path.lun, offset, length, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        with _translated(), self._session(path.connection,
+                                          min(timeout, self.probe_login_timeout)) as session:
+            return session.read(path.lun, offset, length, timeout=_left(deadline))
 
     def read_many(self, requests: list[tuple[Device, int, int]], *,
                   timeout: float) -> list[bytes]:
@@ -186,10 +211,10 @@ class UserspaceInitiator(Initiator):
         deadline = time.monotonic() + timeout
         ranges = list(group.wanted)
         try:
-            with _translated(), self._session(group.connection, timeout) as session:
+            with _translated(), self._session(
+                    group.connection, min(timeout, self.probe_login_timeout)) as session:
                 try:
-                    remaining = max(deadline - time.monotonic(), 0.001)
-                    return libiscsi.read_ranges(session, ranges, timeout=remaining,
+                    return libiscsi.read_ranges(session, ranges, timeout=_left(deadline),
                                                 capacities=group.capacities), {}
                 except libiscsi.IscsiPartialReadError as exc:
                     return exc.results, {key: _initiator_error(error)

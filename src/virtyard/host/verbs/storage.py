@@ -31,6 +31,7 @@ from virtyard.host.storage.domain_tags import domain_of
 from virtyard.host.storage.initiator import (
     Chap,
     Connection,
+    ConnectionFailure,
     InitiatorAuthError,
     InitiatorError,
     Portal,
@@ -270,11 +271,26 @@ class IscsiPath(BaseModel):
     user: str = ""
 
 
+class PathFailure(BaseModel):
+    """Why a failed path is failed: its connection could not be listed (the target is dead,
+    unreachable or refuses the login; with the kernel initiator, its session is down)."""
+
+    connection: str = Field(description="the connection's id (connectStorageServer)")
+    target: str = Field(description="the target's IQN")
+    portal: str = Field(description="host:port")
+    kind: str = Field(description="connect, target-not-found, login, authentication, "
+                                  "authorization, timeout, session, internal")
+    message: str
+
+
 class PathStatus(BaseModel):
     type: str = "iSCSI"
     lun: int
     state: Literal["active", "failed"]
     physdev: str = ""
+    error: PathFailure | None = Field(
+        default=None, exclude_if=lambda v: v is None,
+        description="only on a failed path whose connection failed in the last listing")
 
 
 class BlockDeviceInfo(BaseModel):
@@ -310,6 +326,14 @@ class GetDeviceListParams(Params):
     refresh: bool = Field(default=True, description="rescan (false: answer from the cache)")
 
 
+def _path_failure(failure: ConnectionFailure | None) -> PathFailure | None:
+    if failure is None:
+        return None
+    c = failure.connection
+    return PathFailure(connection=c.id, target=c.iqn, portal=str(c.portal), kind=failure.kind,
+                       message=failure.detail)
+
+
 def device_info(entry: DeviceEntry, initiator_name: str) -> BlockDeviceInfo:
     """The getDeviceList entry of one LUN."""
     d = entry.device
@@ -325,7 +349,8 @@ def device_info(entry: DeviceEntry, initiator_name: str) -> BlockDeviceInfo:
                             initiatorname=p.connection.initiator_name or initiator_name,
                             user=p.connection.chap.username if p.connection.chap else "")
                   for p in d.paths],
-        pathstatus=[PathStatus(lun=p.lun, state=p.state, physdev=p.physdev) for p in d.paths],
+        pathstatus=[PathStatus(lun=p.lun, state=p.state, physdev=p.physdev,
+                               error=_path_failure(p.failure)) for p in d.paths],
         status=usage.status if usage else "unknown",
         usedReason="storage-domain" if domain else usage.reason if usage else None,
         usedDetail=(f"PV of storage domain {domain}" if domain
@@ -340,7 +365,18 @@ def device_info(entry: DeviceEntry, initiator_name: str) -> BlockDeviceInfo:
 @SCHEMA.verb("Host.getDeviceList", params=GetDeviceListParams, result=list[BlockDeviceInfo],
              errors=(BlockDeviceActionError,))
 def get_device_list(agent: HostAgent, p: GetDeviceListParams) -> list[BlockDeviceInfo]:
-    """Every disk LUN this host sees, by WWID, with paths and (checkStatus) free/used and why."""
+    """Every disk LUN this host sees, by WWID, with paths and (checkStatus) free/used and why.
+
+    A dead or unreachable target never fails the call: each target is listed on its own, and
+    its LUNs known from the last listing stay in the list with their paths through it
+    ``state: "failed"``, each such ``pathstatus`` entry carrying ``error`` (the connection id,
+    target, portal, failure kind and message). A LUN with no active path has status
+    ``"unknown"`` and is not visible (``Host.getDevicesVisibility``). Healthy paths have no
+    ``error`` member. Targets are listed in parallel (16 at a time): one that refuses the
+    login costs nothing, one that does not answer at all costs the listing 5 s (the
+    listing's login bound); the kernel initiator does not read a LUN whose every path
+    failed.
+    """
     if p.storageType in ("FCP", FCP_DOMAIN):
         return []
     try:
@@ -361,7 +397,9 @@ class GetDevicesVisibilityParams(Params):
 @SCHEMA.verb("Host.getDevicesVisibility", params=GetDevicesVisibilityParams,
              result=dict[str, bool], errors=(BlockDeviceActionError,))
 def get_devices_visibility(agent: HostAgent, p: GetDevicesVisibilityParams) -> dict[str, bool]:
-    """Whether this host sees each LUN (rescans once before answering no)."""
+    """Whether this host sees each LUN: known with at least one active path as of the last
+    listing; any other LUN gets one rescan before the answer (so a LUN whose every path
+    failed is not visible)."""
     try:
         return agent.devices.visibility(p.guidList)
     except InitiatorError as exc:
