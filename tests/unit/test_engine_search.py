@@ -70,3 +70,17 @@ def test_bad_queries_are_400(query: str, words: str) -> None:
     with pytest.raises(ApiError) as err:
         search.conditions(query, COLUMNS)
     assert err.value.status == 400 and words in err.value.detail
+
+
+def test_numeric_fields_compare_numbers(tmp_path: Path) -> None:
+    numbers = Table("numbers", MetaData(), Column("code", Integer, primary_key=True))
+    columns = {"code": numbers.c.code}
+    engine = Database(f"sqlite:///{tmp_path / 'n.db'}").engine
+    numbers.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(insert(numbers), [{"code": 12}, {"code": 44}])
+        found = conn.execute(select(numbers.c.code).where(
+            *search.conditions("code>=13", columns))).scalars().all()
+    assert found == [44]
+    with pytest.raises(ApiError, match="takes a number"):
+        search.conditions("code=abc", columns)

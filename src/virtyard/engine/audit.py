@@ -39,6 +39,10 @@ HOST_UUID_CONFLICT = _t(9001, "error",
                         "Host {host} reports the hardware UUID of host {other}; it stays "
                         "non-responsive until that is resolved.")
 USER_ADDED = _t(149, "normal", "User {name} was added.")
+VM_ADDED = _t(34, "normal", "VM {vm} was created by {user}.")
+VM_REMOVED = _t(113, "normal", "VM {vm} was successfully removed by {user}.")
+VM_DISK_DETACHED = _t(2018, "normal",
+                      "Disk {disk} was successfully detached from VM {vm} by {user}.")
 
 
 @dataclass(frozen=True)
@@ -62,3 +66,23 @@ def record(tx: Session, kind: EventType, ids: Ids | None = None, *, user_id: str
                   storage_domain_id=ids.storage_domain_id if ids else None)
     tx.add(event)
     return event
+# VM flows (oVirt's codes where they exist).
+VM_STARTED = _t(153, "normal", "VM {vm} started on Host {host}.")
+VM_START_FAILED = _t(54, "error", "Failed to run VM {vm}: {why}")
+VM_STOPPED = _t(33, "normal", "VM {vm} powered off by {user}.")
+VM_SHUT_DOWN = _t(73, "normal", "VM {vm} shut down by {user}.")
+VM_MIGRATED = _t(62, "normal", "Migration of VM {vm} from {source} to {destination} completed.")
+VM_MIGRATION_FAILED = _t(65, "error", "Migration of VM {vm} failed: {why}")
+DISK_PLUGGED = _t(2002, "normal", "Disk {disk} was plugged into VM {vm} by {user}.")
+DISK_UNPLUGGED = _t(2004, "normal", "Disk {disk} was unplugged from VM {vm} by {user}.")
+DISK_PLUG_FAILED = _t(2003, "error", "Failed to plug disk {disk} into VM {vm}: {why}")
+DISK_UNPLUG_FAILED = _t(2005, "error", "Failed to unplug disk {disk} from VM {vm}: {why}")
+FLOW_RECOVERED = _t(9010, "warning",
+                    "After an engine restart, {flow} was settled from the hosts: {outcome}.")
+# Direct LUN.
+ISCSI_DISCOVERED = _t(9020, "normal", "{count} iSCSI target(s) discovered at {portal} by {user}.")
+ISCSI_LOGGED_IN = _t(9021, "normal", "Host {host} logged in to {target} at {portal} ({user}).")
+DISK_ADDED = _t(2020, "normal", "LUN {wwid} was added as disk {disk} by {user}.")
+DISK_REMOVED = _t(2014, "normal", "Disk {disk} was removed by {user}.")
+DISK_ATTACHED = _t(2016, "normal", "Disk {disk} was attached to VM {vm} by {user}.")
+DISK_DETACHED = _t(2018, "normal", "Disk {disk} was detached from VM {vm} by {user}.")

@@ -23,6 +23,7 @@ from starlette.applications import Starlette
 from virtyard.engine.api.app import build_app
 from virtyard.engine.config import ConfigError, EngineConfig, load_config
 from virtyard.engine.operator import OperatorError, add_parsers, open_database
+from virtyard.engine.recovery import Recovery
 from virtyard.engine.services import Services, build_services, ensure_admin
 
 log = logging.getLogger("virtyard.engine")
@@ -40,13 +41,16 @@ def make_app(services: Services) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        task = asyncio.create_task(services.heartbeat.run(), name="heartbeat")
+        tasks = [asyncio.create_task(services.heartbeat.run(), name="heartbeat"),
+                 asyncio.create_task(Recovery(services).run(), name="recovery")]
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await services.pool.close()
 
     app.router.lifespan_context = lifespan

@@ -17,6 +17,7 @@ from virtyard.engine.commands.base import ADMIN
 from virtyard.engine.config import EngineConfig
 from virtyard.engine.db.database import Database
 from virtyard.engine.db.models import User
+from virtyard.engine.hosts.connections import ConnectionReconciler
 from virtyard.engine.hosts.heartbeat import Heartbeat
 from virtyard.engine.hosts.pool import HostPool
 from virtyard.host.client import ClientTls
@@ -33,6 +34,7 @@ class Services:
     auth: Authenticator
     pool: HostPool
     heartbeat: Heartbeat
+    connections: ConnectionReconciler
     extra: dict[str, Any] = field(default_factory=dict)
 
     def record_event(self, kind: audit.EventType, values: dict[str, object]) -> None:
@@ -51,7 +53,9 @@ def build_services(config: EngineConfig, db: Database) -> Services:
     heartbeat = Heartbeat(db, pool, interval=config.heartbeat.interval,
                           misses=config.heartbeat.misses, timeout=config.heartbeat.timeout,
                           concurrency=config.heartbeat.concurrency)
-    return Services(config, db, auth, pool, heartbeat)
+    connections = ConnectionReconciler(db, pool)
+    heartbeat.on_up.append(connections.reconcile_quietly)
+    return Services(config, db, auth, pool, heartbeat, connections)
 
 
 def ensure_admin(services: Services) -> None:

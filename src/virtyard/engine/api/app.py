@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import urllib.parse
 from typing import Any
 
@@ -30,6 +31,7 @@ from virtyard.engine.commands.errors import CommandError
 log = logging.getLogger("virtyard.engine.api")
 
 PREFIX = "/ovirt-engine/api"
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 SSO_TOKEN = "/ovirt-engine/sso/oauth/token"
 SSO_LOGOUT = "/ovirt-engine/services/sso-logout"
 XML = "application/xml"
@@ -93,6 +95,13 @@ def endpoint(operation: Operation) -> Any:
         services = request.app.state.services
         try:
             principal = await authenticate(request)
+            for name, value in request.path_params.items():
+                if CONTROL.search(str(value)):
+                    raise ApiError(404, "Not Found", f"No object with that {name}", "NOT_FOUND")
+            for name, value in request.query_params.multi_items():
+                if CONTROL.search(value) or CONTROL.search(name):
+                    raise bad_request(f"Query parameter '{codec.xml_safe(name)[:64]}' holds "
+                                      "control characters")
             body = None
             if operation.body is not None:
                 raw = await read_body(request, services.config.api.max_body_bytes)

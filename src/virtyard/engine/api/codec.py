@@ -117,12 +117,21 @@ def _scalar_from_json(kind: Kind, value: Any, where: str) -> Any:
     raise _invalid(f"Invalid value for '{where}': expected {kind.describe()}")
 
 
+_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")
+
+
+def xml_safe(text: str) -> str:
+    """Text XML can carry: characters XML 1.0 cannot hold (control characters a client
+    smuggled into a name, say) become U+FFFD instead of breaking the whole document."""
+    return _XML_INVALID.sub("\ufffd", text)
+
+
 def _scalar_to_text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, datetime.datetime):
         return value.isoformat(timespec="milliseconds")
-    return str(value)
+    return xml_safe(str(value))
 
 
 def _scalar_to_json(value: Any) -> Any:
@@ -147,13 +156,14 @@ def _xml_element(t: Type, model: Model, tag: str | None = None) -> etree._Elemen
     element = etree.Element(tag or t.tag)
     href = href_of(t, model) if t.identified else None
     if href:
-        element.set("href", href)
+        element.set("href", xml_safe(href))
     if t.identified and model.get("id") is not None:
-        element.set("id", str(model["id"]))
+        element.set("id", xml_safe(str(model["id"])))
     if href:
         for link in t.links:
             if link.field not in model:
-                etree.SubElement(element, "link", href=f"{href}/{link.rel}", rel=link.rel)
+                etree.SubElement(element, "link", href=xml_safe(f"{href}/{link.rel}"),
+                                 rel=link.rel)
     for f in t.fields:
         value = model.get(f.name)
         if value is None:

@@ -62,6 +62,19 @@ def conditions(query: str, columns: dict[str, Any], *,
 
 
 def _condition(column: Any, term: Term, case_sensitive: bool) -> ColumnElement[bool]:
+    try:
+        numeric = column.type.python_type is int
+    except (AttributeError, NotImplementedError):
+        numeric = False
+    if numeric:
+        if not re.fullmatch(r"-?\d{1,18}", term.value):
+            raise bad_request(f"Search field '{term.field}' takes a number, not "
+                              f"'{term.value[:64]}'", "SEARCH_SYNTAX")
+        number = int(term.value)
+        ops = {"=": column.__eq__, "!=": column.__ne__, "<": column.__lt__,
+               ">": column.__gt__, "<=": column.__le__, ">=": column.__ge__}
+        compared: ColumnElement[bool] = ops[term.op](number)
+        return compared
     value = term.value
     left = column if case_sensitive else func.lower(column)
     if not case_sensitive:

@@ -96,6 +96,10 @@ class Command(ABC, Generic[R]):
 
 def run(command: Command[R], ctx: Context) -> R:
     """Run ``command`` for ``ctx.principal``: all of it, or nothing."""
+    run_in = getattr(command, "run_in", None)
+    if run_in is not None:  # a flow: host calls between two transactions (commands/flow.py)
+        result: R = run_in(ctx)
+        return result
     if command.writes and not ctx.principal.can_write:
         raise command.fail(NOT_AUTHORIZED)
     try:
@@ -105,7 +109,7 @@ def run(command: Command[R], ctx: Context) -> R:
             tx.flush()
             command.events(tx, ctx, result)
     except IntegrityError as exc:
-        error = _conflict_key(command, exc)
+        error = conflict_key(command, exc)
         if error is None:
             raise
         raise command.fail(error, **command.conflict_values()) from None
@@ -142,7 +146,7 @@ def violated_unique(exc: IntegrityError) -> tuple[str, tuple[str, ...]] | None:
     return parts[0][0], tuple(p[1] for p in parts if len(p) == 2)
 
 
-def _conflict_key(command: Command[Any], exc: IntegrityError) -> ErrorKey | None:
+def conflict_key(command: Command[Any], exc: IntegrityError) -> ErrorKey | None:
     where = violated_unique(exc)
     if where is None:
         log.warning("%s: integrity error not mapped: %s", type(command).__name__, exc.orig)

@@ -58,7 +58,10 @@ class Database:
         self.is_sqlite = url.startswith("sqlite")
         kwargs: dict[str, Any] = {"echo": echo, "future": True}
         if self.is_sqlite:
-            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+            # As many pooled connections as request threads: a connection opened per request
+            # (and its PRAGMAs and schema load) costs more than the request's own queries.
+            kwargs.update(connect_args={"check_same_thread": False, "timeout": 30},
+                          pool_size=2 * pool_size, max_overflow=pool_size)
         else:
             kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
         self.engine: Engine = create_engine(url, **kwargs)

@@ -359,3 +359,42 @@ class Event(Base):
     vm_id: Mapped[str | None] = mapped_column(ID, default=None, index=True)
     disk_id: Mapped[str | None] = mapped_column(ID, default=None)
     storage_domain_id: Mapped[str | None] = mapped_column(ID, default=None)
+
+
+class HostConnectionPin(Base):
+    """Why a host must stay connected to a storage server connection: one row per owner
+    (``login`` for a user's iSCSI login, ``vm:<id>`` for a VM's LUNs on the host it runs on or
+    is starting or migrating to). A host should keep exactly the connections that have a row;
+    the reconciler (``hosts/connections.py``) makes the host agree, after every flow and after
+    a crash. The rows are the reference counts, kept in the database."""
+
+    __tablename__ = "host_connection_pins"
+    host_id: Mapped[str] = mapped_column(ForeignKey("hosts.id", ondelete="CASCADE"),
+                                         primary_key=True)
+    connection_id: Mapped[str] = mapped_column(
+        ForeignKey("storage_server_connections.id", ondelete="CASCADE"), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class Flow(Base):
+    """A multi-step operation on a VM in progress (run, stop, migrate, plug, unplug, CD).
+
+    One per VM at a time (``vm_id`` is unique: the database refuses a second, which is the VM's
+    lock), with the step it reached, so that an engine that died in the middle completes or
+    undoes it at start (``flows/recovery.py``)."""
+
+    __tablename__ = "flows"
+    id: Mapped[str] = mapped_column(ID, primary_key=True, default=new_id)
+    kind: Mapped[str] = mapped_column(String(32))
+    vm_id: Mapped[str | None] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"),
+                                              unique=True, default=None)
+    host_id: Mapped[str | None] = mapped_column(ID, default=None)
+    target_host_id: Mapped[str | None] = mapped_column(ID, default=None)
+    disk_id: Mapped[str | None] = mapped_column(ID, default=None)
+    step: Mapped[str] = mapped_column(String(64), default="started")
+    data: Mapped[str] = mapped_column(Text, default="{}")
+    user_name: Mapped[str] = mapped_column(String(255), default="")
+    correlation_id: Mapped[str] = mapped_column(String(64), default="")
+    started_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    updated_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime(), default=utcnow)

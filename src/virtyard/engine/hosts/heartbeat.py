@@ -14,6 +14,7 @@ import contextlib
 import datetime
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +75,9 @@ class Heartbeat:
         self._seen: dict[str, _Seen] = {}
         self._wake = asyncio.Event()
         self.stats = HeartbeatStats()
+        # Called for every host that came up (first contact, recovery, agent restart): the
+        # connection reconciler makes it keep what it should.
+        self.on_up: list[Callable[[HostAddress], Awaitable[object]]] = []
 
     def kick(self) -> None:
         """Run a cycle at once (a host was added or activated). Safe from any thread."""
@@ -103,6 +107,12 @@ class Heartbeat:
         outcomes = await asyncio.gather(*(self._check(h, status) for h, status in hosts))
         changed = await anyio.to_thread.run_sync(self._store, outcomes)
         self.stats.transitions += changed
+        came_up = [h for h, _s in hosts
+                   if any(o.host_id == h.host_id and o.ok and o.capabilities is not None
+                          for o in outcomes)]
+        for host in came_up:
+            for hook in self.on_up:
+                await hook(host)
         return list(outcomes)
 
     def _load(self) -> list[tuple[HostAddress, str]]:

@@ -25,8 +25,10 @@ def event_model(event: Event) -> Model:
     }
     if event.user_id:
         model["user"] = {"id": event.user_id, "name": event.user_name}
-    if event.host_id:
-        model["host"] = {"id": event.host_id}
+    for name, ident in (("host", event.host_id), ("vm", event.vm_id), ("disk", event.disk_id),
+                        ("storage_domain", event.storage_domain_id)):
+        if ident:
+            model[name] = {"id": ident}
     return model
 
 

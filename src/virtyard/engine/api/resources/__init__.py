@@ -3,4 +3,14 @@
 Importing this package registers every operation on ``routing.ROUTES``.
 """
 
-from virtyard.engine.api.resources import clusters, events, hosts, system  # noqa: F401
+from virtyard.engine.api.resources import (  # noqa: F401
+    clusters,
+    disks,
+    events,
+    hosts,
+    lun_disks,
+    system,
+    templates,
+    vm_actions,
+    vms,
+)

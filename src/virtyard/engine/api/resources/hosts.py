@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from virtyard.engine.api.faults import incomplete
-from virtyard.engine.api.routing import ASYNC, GET_QUERY, LIST_QUERY, ROUTES, ApiRequest
+from typing import Any
+
+from virtyard.engine.api.faults import ApiError, incomplete
+from virtyard.engine.api.routing import (
+    ASYNC,
+    GET_QUERY,
+    LIST_QUERY,
+    ROUTES,
+    ApiRequest,
+    QueryParam,
+)
 from virtyard.engine.api.types.base import Model
 from virtyard.engine.api.types.common import ACTION
+from virtyard.engine.api.types.disks import HOST_STORAGE
 from virtyard.engine.api.types.hosts import HOST
+from virtyard.engine.commands import errors
 from virtyard.engine.commands.base import run
 from virtyard.engine.commands.hosts import (
     DEFAULT_AGENT_PORT,
@@ -15,7 +26,12 @@ from virtyard.engine.commands.hosts import (
     DeactivateHost,
     RemoveHost,
 )
+from virtyard.engine.commands.storage import DEFAULT_PORT, DiscoverTargets, IscsiLogin, Portal
+from virtyard.engine.db.models import Host
+from virtyard.engine.hosts.pool import HostAddress, HostCallError, HostUnreachableError
 from virtyard.engine.queries import hosts as queries
+from virtyard.engine.queries import luns
+from virtyard.engine.queries.common import get_or_404
 
 
 @ROUTES.get("/hosts", returns=HOST, many=True, query=LIST_QUERY)
@@ -70,3 +86,62 @@ def activate_host(req: ApiRequest) -> Model:
     """Activate a host in maintenance."""
     run(ActivateHost(req.path["id"]), req.ctx())
     return {"status": "complete"}
+
+
+REPORT_STATUS = QueryParam("report_status", "boolean",
+                           "Probe each LUN for signatures (free/used); false answers fast.")
+
+
+def _portal(req: ApiRequest, *, need_target: bool) -> Portal:
+    iscsi = (req.body or {}).get("iscsi") or {}
+    missing = [f for f in ("address", *(("target",) if need_target else ())) if not iscsi.get(f)]
+    if missing:
+        raise incomplete("Action", *(f"iscsi.{m}" for m in missing),
+                         action="iscsi login" if need_target else "iscsi discover")
+    return Portal(address=iscsi["address"], port=iscsi.get("port") or DEFAULT_PORT,
+                  target=iscsi.get("target") or "", portal=iscsi.get("portal") or "1",
+                  user=iscsi.get("username") or "", password=iscsi.get("password") or "")
+
+
+@ROUTES.post("/hosts/{id}/iscsidiscover", body=ACTION, returns=ACTION)
+def iscsi_discover(req: ApiRequest) -> Model:
+    """SendTargets discovery from this host: the target names (``iscsi_targets``), and each
+    target with its portal (``discovered_targets``)."""
+    found = run(DiscoverTargets(req.path["id"], _portal(req, need_target=False)), req.ctx())
+    return {"status": "complete", "iscsi_targets": sorted({t["target"] for t in found}),
+            "discovered_targets": found}
+
+
+@ROUTES.post("/hosts/{id}/discoveriscsi", body=ACTION, returns=ACTION)
+def discover_iscsi(req: ApiRequest) -> Model:
+    """SendTargets discovery (oVirt 4.4.6+ form): ``discovered_targets``."""
+    result: dict[str, Any] = iscsi_discover(req)
+    return result
+
+
+@ROUTES.post("/hosts/{id}/iscsilogin", body=ACTION, returns=ACTION)
+def iscsi_login(req: ApiRequest) -> Model:
+    """Log this host in to a target (kept until the engine no longer needs it)."""
+    run(IscsiLogin(req.path["id"], _portal(req, need_target=True)), req.ctx())
+    return {"status": "complete"}
+
+
+@ROUTES.get("/hosts/{id}/storage", returns=HOST_STORAGE, many=True, query=(REPORT_STATUS,))
+def host_storage(req: ApiRequest) -> list[Model]:
+    """Every LUN the host sees — used ones too, with why they are used."""
+    report = req.flag("report_status", True)
+    with req.services.db.read() as tx:
+        host = get_or_404(tx, Host, req.path["id"], "Host")
+        address = HostAddress(host.id, host.address, host.port)
+        if host.status != "up":
+            raise ApiError(409, "Operation Failed", f"[Cannot fetch storage devices, host "
+                           f"{host.name} is not UP.]", errors.HOST_STATUS_ILLEGAL.key)
+    try:
+        devices = req.services.pool.call_sync(address, "Host.getDeviceList",
+                                              {"checkStatus": report})
+    except (HostCallError, HostUnreachableError) as exc:
+        raise ApiError(409, "Operation Failed", f"[Cannot fetch storage devices: "
+                       f"{str(exc)[:300]}]", "GET_DEVICE_LIST_FAILED") from exc
+    with req.services.db.read() as tx:
+        return luns.host_storage(tx, address.host_id, devices if isinstance(devices, list)
+                                 else [], report_status=report)

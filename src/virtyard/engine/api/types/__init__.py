@@ -1,3 +1,3 @@
 """One description per wire type (see ``base``); importing this package registers them all."""
 
-from virtyard.engine.api.types import common, hosts, system  # noqa: F401
+from virtyard.engine.api.types import actions, common, disks, hosts, system, vms  # noqa: F401
