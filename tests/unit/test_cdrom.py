@@ -48,6 +48,7 @@ B = Pdiv(POOL, DOMAIN, "33333333-0000-4000-8000-00000000000b",
          "44444444-0000-4000-8000-00000000000b")
 OFFSETS = {A.volume_id: 4 << 20, B.volume_id: 8 << 20}
 USER = f"{VM}:sdc"
+INITIATOR = "iqn.2026-11.test:h"  # the host's: QEMU logs in with it
 CD = DiskDevice(device="cdrom", iface="scsi", index=2,
                 address={"type": "drive", "controller": "0", "bus": "0", "target": "0",
                          "unit": "2"})
@@ -55,7 +56,8 @@ CD = DiskDevice(device="cdrom", iface="scsi", index=2,
 
 def source(pdiv: Pdiv) -> IscsiSource:
     return IscsiSource("127.0.0.1", 3260, "iqn.2026-11.org.virtyard.lab:sd", 1,
-                       slice=StorageSlice(OFFSETS[pdiv.volume_id], 1 << 20))
+                       slice=StorageSlice(OFFSETS[pdiv.volume_id], 1 << 20),
+                       initiator=INITIATOR)
 
 
 class FakeDomain:
@@ -184,7 +186,9 @@ def make_agent(loaded: Pdiv | None = None, *,
     dom = FakeDomain(domain.to_xml())
     vms = VmManager(FakeConn(dom), drives=None, virt_type="qemu")  # type: ignore[arg-type]
     agent = SimpleNamespace(vms=vms, volumes=volumes,
-                            config=SimpleNamespace(debug=SimpleNamespace(die_at="")),
+                            config=SimpleNamespace(debug=SimpleNamespace(die_at=""),
+                                            storage=SimpleNamespace(
+                                                initiator_name=INITIATOR)),
                             connections=None, drives=None)
     return agent, dom, volumes
 

@@ -94,6 +94,8 @@ SHAPES: dict[str, tuple[DiskDevice, Source | None]] = {
                           BlockSource("/dev/loop3", StorageSlice(1048576, 4194304))),
     "cdrom-network-slice": (DiskDevice("cdrom", "ide", 2, pdiv=PDIV2),
                             iscsi(3, slice=StorageSlice(4 * 1048576, 8 * 1048576))),
+    "lun-network-host-initiator": (DiskDevice("disk", "scsi", 11, guid="36001405feed"),
+                                   iscsi(1, initiator="iqn.2026-11.org.virtyard:host7")),
     "cdrom-file-slice": (DiskDevice("cdrom", "scsi", 7), FileSource("/pv.img",
                                                                     StorageSlice(0, 2048))),
 }

@@ -4,6 +4,7 @@ cost a fixed number of SQL statements however many rows they hold; secrets never
 
 from __future__ import annotations
 
+import gc
 import re
 import threading
 from collections.abc import Iterator
@@ -45,7 +46,7 @@ from virtyard.engine.db.models import (
     VmDynamic,
     VmPlacementHost,
 )
-from virtyard.engine.queries.batch import INLINE_MAX, ids_in
+from virtyard.engine.queries.batch import INLINE_MAX, gc_paused, ids_in
 from virtyard.engine.services import Services, build_services
 
 API = "/ovirt-engine/api"
@@ -386,6 +387,22 @@ def test_ids_in_long_lists(api: Api) -> None:
         assert list(tx.scalars(select(Vm.id).where(ids_in(tx, Vm.id, [])))) == []
 
 
+def test_gc_pauses_nest_and_restore() -> None:
+    assert gc.isenabled()
+    with gc_paused():
+        with gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # it was off before: it stays off
+    finally:
+        gc.enable()
+
+
 # ---------------------------------------------------------------------------- add and remove
 
 
@@ -424,9 +441,8 @@ def test_sdk_written_vm_is_added(api: Api) -> None:
         created = tx.scalars(select(Event).where(Event.code == 34)).one()
     assert created.vm_id == added.id and created.description == \
         "VM myvm was created by admin@internal."
-    # (an integer search term, code=34, fails on PostgreSQL: api/search.py compares as text)
-    events = [e for e in sdk_read(api.get("/events")) if e.code == 34]
-    assert events[0].vm.id == added.id
+    events = sdk_read(api.get("/events", search="code=34"))
+    assert [e.vm.id for e in events] == [added.id]
     minimal = api.post("/vms", Writer.write(sdk.Vm(name="tiny")))
     assert minimal.status_code == 201 and sdk_read(minimal).cluster.id == DEFAULT_CLUSTER_ID
 

@@ -53,6 +53,11 @@ class AgentProcess:
         self.extra_config = ""
 
     @property
+    def initiator_name(self) -> str:
+        """The iSCSI initiator name this agent logs in with."""
+        return f"iqn.2026-11.org.virtyard.lab:{self.name}"
+
+    @property
     def address(self) -> str:
         return f"{ports.LOOPBACK}:{self.port}"
 
@@ -87,7 +92,7 @@ class AgentProcess:
             f'cert = "{cert.cert}"\nkey = "{cert.key}"\nca = "{self.pki.ca.cert}"\n\n'
             "[storage]\n"
             f'initiator = "userspace"\n'
-            f'initiator_name = "iqn.2026-11.org.virtyard.lab:{self.name}"\n\n'
+            f'initiator_name = "{self.initiator_name}"\n\n'
             "[libvirt]\n"
             f'uri = "{self.libvirt_uri}"\n'
             f'migration_uri = "{self.migration_uri}"\n'

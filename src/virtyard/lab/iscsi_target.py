@@ -7,6 +7,7 @@ targets whose LUNs are backed by sparse files, optionally protected by CHAP.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -100,6 +101,18 @@ class TgtAdm:
     def allow_all_initiators(self, tid: int) -> None:
         self._run("--mode", "target", "--op", "bind", "--tid", str(tid),
                   "--initiator-address", "ALL")
+
+    def deny_all_initiators(self, tid: int) -> None:
+        self._run("--mode", "target", "--op", "unbind", "--tid", str(tid),
+                  "--initiator-address", "ALL")
+
+    def allow_initiator(self, tid: int, name: str) -> None:
+        self._run("--mode", "target", "--op", "bind", "--tid", str(tid),
+                  "--initiator-name", name)
+
+    def deny_initiator(self, tid: int, name: str) -> None:
+        self._run("--mode", "target", "--op", "unbind", "--tid", str(tid),
+                  "--initiator-name", name)
 
     def new_lun(self, tid: int, lun: int, backing: Path) -> None:
         self._run("--mode", "logicalunit", "--op", "new", "--tid", str(tid), "--lun", str(lun),
@@ -285,6 +298,19 @@ class TargetServer:
             return
         self._remove(target.tid, list(target.luns), target.chap_user)
         self._save(state)
+
+    def restrict(self, name: str, initiators: list[str] | None) -> None:
+        """Let only these initiator names log in to target ``name`` (``None``: everyone
+        again): a host whose storage path is broken, for real, while others reach it."""
+        target = self._load().targets[name]
+        with contextlib.suppress(LabError):  # not bound to ALL (restricted already)
+            self.adm.deny_all_initiators(target.tid)
+        if initiators is None:
+            self.adm.allow_all_initiators(target.tid)
+            return
+        for initiator in initiators:
+            with contextlib.suppress(LabError):  # bound already
+                self.adm.allow_initiator(target.tid, initiator)
 
     def targets(self) -> list[TargetInfo]:
         """The targets the lab created and still serves."""

@@ -97,11 +97,12 @@ async def prove(ctx: Context, candidate: Candidate, wwids: list[str]) -> Proof:
     try:
         result = await services.connections.reconcile(candidate.address)
         if not result.ok:
-            return Proof(candidate, False, "could not connect: " + ", ".join(
-                f"{k} ({v})" for k, v in sorted(result.failed.items())))
+            luns = f"LUN(s) {', '.join(wwids)}: " if wwids else ""
+            return Proof(candidate, False, f"cannot reach {luns}connecting failed (" + ", ".join(
+                f"connection {k}: {v}" for k, v in sorted(result.failed.items())) + ")")
         if wwids:
             seen = await services.pool.call(candidate.address, "Host.getDevicesVisibility",
-                                            {"guids": wwids})
+                                            {"guidList": wwids})
             missing = [w for w in wwids if not (isinstance(seen, dict) and seen.get(w))]
             if missing:
                 return Proof(candidate, False, "does not see " + ", ".join(missing))

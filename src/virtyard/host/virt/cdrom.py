@@ -89,7 +89,7 @@ def source_of(agent: HostAgent, prepared: PreparedVolume) -> Source:
             usage = agent.drives.ensure_chap_secret(connection)
         return IscsiSource(prepared.host, prepared.port, prepared.iqn, prepared.lun,
                            auth_user=prepared.chap_user or None, secret_usage=usage,
-                           slice=slice_)
+                           slice=slice_, initiator=agent.config.storage.initiator_name)
     return BlockSource(prepared.path, slice=slice_)
 
 

@@ -218,6 +218,9 @@ class IscsiSource(_SourceBase):
     secret_usage: str | None = None
     secret_uuid: str | None = None
     slice: StorageSlice | None = None
+    # The initiator name QEMU logs in with: the host's, so that arrays' ACLs (which name
+    # hosts' initiators) treat QEMU's session like the host's own.
+    initiator: str | None = None
     disk_type: ClassVar[str] = "network"
 
     def __post_init__(self) -> None:
@@ -244,6 +247,8 @@ class IscsiSource(_SourceBase):
                 _sub(auth, "secret", type="iscsi", usage=self.secret_usage)
             else:
                 _sub(auth, "secret", type="iscsi", uuid=str(self.secret_uuid))
+        if self.initiator:
+            _sub(_sub(elem, "initiator"), "iqn", name=self.initiator)
         return self._finish(elem, self.slice)
 
 
@@ -292,12 +297,14 @@ def parse_source(disk: etree._Element) -> Source | None:
         if auth is None:
             auth = disk.find("auth")
         secret = None if auth is None else auth.find("secret")
+        iqn_elem = source.find("initiator/iqn")
         return IscsiSource(
             host=host.get("name") or "", port=_int_attr(host, "port", default=3260), iqn=iqn,
             lun=int(lun), auth_user=None if auth is None else auth.get("username"),
             secret_usage=None if secret is None else secret.get("usage"),
             secret_uuid=None if secret is None else secret.get("uuid"),
-            slice=_parse_slice(source))
+            slice=_parse_slice(source),
+            initiator=None if iqn_elem is None else iqn_elem.get("name"))
     raise DomainXmlError("unsupported_disk",
                          f"disk type {disk_type!r} protocol {source.get('protocol')!r}")
 

@@ -66,11 +66,14 @@ class DriveResolver:
             raise DriveNotVisibleError(f"LUN {guid}")
         path = entries[0].device.paths[0]
         conn = path.connection
+        initiator = conn.initiator_name or self.agent.config.storage.initiator_name
         if conn.chap is None:
-            return IscsiSource(conn.portal.host, conn.portal.port, conn.iqn, path.lun)
+            return IscsiSource(conn.portal.host, conn.portal.port, conn.iqn, path.lun,
+                               initiator=initiator)
         usage = self.ensure_chap_secret(conn)
         return IscsiSource(conn.portal.host, conn.portal.port, conn.iqn, path.lun,
-                           auth_user=conn.chap.username, secret_usage=usage)
+                           auth_user=conn.chap.username, secret_usage=usage,
+                           initiator=initiator)
 
     def ensure_chap_secret(self, connection: Connection) -> str:
         """A libvirt ``iscsi`` secret holding the connection's CHAP password; its usage id."""
