@@ -1,5 +1,7 @@
 """`make demo` with the engine, as a person runs it: `virtyard-lab up` and `demo` with an env
-file, then the oVirt SDK with nothing but that file's values; `down` leaves nothing behind."""
+file, then the oVirt SDK with nothing but that file's values — both hosts up, the demo VM an
+engine VM that is up with its LUN disk attached and active, the LUN inside the guest
+(`virtyard-lab exec demo`); `demo` again changes nothing; `down` leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import ovirtsdk4
 import ovirtsdk4.types as otypes
 import pytest
 
-from virtyard.lab.lab import leftovers
+from virtyard.lab.guest_image import DEFAULT_CMDLINE
+from virtyard.lab.lab import Lab, leftovers
 
 pytestmark = pytest.mark.lab
 
@@ -65,22 +68,66 @@ def test_demo_engine_answers_the_sdk_and_down_leaves_nothing(demo_state: Path,
     password_file = demo_state / "engine" / "admin-password"
     assert env["VIRTYARD_ENGINE_PASSWORD"] == password_file.read_text().strip()
     assert password_file.stat().st_mode & 0o777 == 0o600
+    assert Path(env["VIRTYARD_GUEST_KERNEL"]).is_file()
+    assert Path(env["VIRTYARD_GUEST_INITRD"]).is_file()
+    assert env["VIRTYARD_GUEST_CMDLINE"] == DEFAULT_CMDLINE
+    lab = Lab.load(demo_state)
+    assert lab is not None
+    [target] = [t for t in lab.storage.targets() if t.iqn == env["VIRTYARD_DEMO_TARGET"]]
     connection = ovirtsdk4.Connection(
         url=env["VIRTYARD_ENGINE_URL"], username=env["VIRTYARD_ENGINE_USER"],
         password=env["VIRTYARD_ENGINE_PASSWORD"], ca_file=env["VIRTYARD_ENGINE_CA"])
     try:
         assert connection.test(raise_exception=True)
-        hosts_service = connection.system_service().hosts_service()
+        system = connection.system_service()
+        hosts_service = system.hosts_service()
         hosts = hosts_service.list()
         assert sorted((h.name, h.address, h.port, h.status) for h in hosts) == [
             ("host1", "127.0.0.1", PORT_BASE + 50, otypes.HostStatus.UP),
             ("host2", "127.0.0.1", PORT_BASE + 51, otypes.HostStatus.UP)]
+        host_ids = {h.name: h.id for h in hosts}
 
-        # The demo again (make demo on a running demo): the same hosts, left as they were.
+        # The demo VM is the engine's: up on the preferred host, its LUN disk attached, active.
+        [vm] = system.vms_service().list(search="name=demo")
+        assert vm.id == env["VIRTYARD_DEMO_VM"]
+        assert vm.status == otypes.VmStatus.UP and vm.host.id == host_ids["host1"]
+        assert vm.memory == 256 << 20
+        assert (vm.os.kernel, vm.os.initrd, vm.os.cmdline) == (
+            env["VIRTYARD_GUEST_KERNEL"], env["VIRTYARD_GUEST_INITRD"], DEFAULT_CMDLINE)
+        assert [h.id for h in vm.placement_policy.hosts] == [host_ids["host1"],
+                                                             host_ids["host2"]]
+        attachments = system.vms_service().vm_service(vm.id).disk_attachments_service()
+        [attachment] = attachments.list()
+        assert attachment.active is True
+        assert attachment.interface == otypes.DiskInterface.VIRTIO_SCSI
+        disk = connection.follow_link(attachment.disk)
+        assert disk.alias == "demo-lun1"
+        [unit] = disk.lun_storage.logical_units
+        assert unit.id == target.wwid(1)
+        with lab.agent_client(0) as agent:  # host 1 runs it, as the engine says, with that disk
+            [running] = agent.call("Host.getVMFullList", {"vmList": [vm.id]})
+            assert running["status"] == "Up"
+            assert [(d["device"], d.get("GUID"), d.get("diskId")) for d in running["devices"]
+                    if d.get("type") == "disk"] == [
+                ("disk", target.wwid(1), disk.id)]  # no CD-ROM: the engine has none yet
+
+        # Inside the guest: the LUN under the serial the engine gave it.
+        link = f"/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_{disk.id[:20]}"
+        inside = _cli("--state-dir", state, "exec", "demo",
+                      f"for i in $(seq 100); do [ -e {link} ] && break; sleep 0.2; done; "
+                      f"blockdev --getsize64 {link}")
+        assert inside.returncode == 0, inside.stderr
+        assert int(inside.stdout) == target.lun(1).size
+
+        # The demo again (make demo on a running demo): hosts and VM left as they were.
         again = _cli("--state-dir", state, "demo", "--env-file", str(env_file))
         assert again.returncode == 0, again.stderr
+        assert read_env_file(env_file) == env
         assert sorted((h.name, h.id) for h in hosts_service.list()) == sorted(
             (h.name, h.id) for h in hosts)
+        [same] = system.vms_service().list(search="name=demo")
+        assert (same.id, same.status, same.start_time) == (vm.id, vm.status, vm.start_time)
+        assert [(a.id, a.active) for a in attachments.list()] == [(attachment.id, True)]
     finally:
         connection.close()
 

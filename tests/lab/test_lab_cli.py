@@ -141,37 +141,53 @@ def test_status_shows_the_session_lab(lab: Lab) -> None:
 
 
 def test_demo_set_up_is_idempotent(lab: Lab) -> None:
-    """What `make demo` adds to a lab: a target, both agents connected, a demo VM with a LUN,
-    both hosts in the engine."""
+    """What `make demo` adds to a lab: a target, both agents connected, both hosts in the
+    engine, the engine VM `demo` up with its LUN disk attached and active."""
     first = set_up(lab)
+    vm_id = first["VIRTYARD_DEMO_VM"]
+    [target] = [t for t in lab.storage.targets() if t.iqn == first["VIRTYARD_DEMO_TARGET"]]
     try:
         with lab.engine.api() as api:
             ids = {h["name"]: h["id"] for h in api.get("/hosts").json()["host"]}
+            started = api.get(f"/vms/{vm_id}").json()["start_time"]
         assert set_up(lab) == first  # again: finds what is there
         with lab.engine.api() as api:
             hosts = api.get("/hosts").json()["host"]
+            [vm] = api.get("/vms", params={"search": "name=demo"}).json()["vm"]
+            [attachment] = api.get(f"/vms/{vm_id}/diskattachments").json()["disk_attachment"]
+            disk = api.get(f"/disks/{attachment['id']}").json()
         assert sorted((h["name"], h["status"], h["port"]) for h in hosts) == [
             (a.name, "up", a.port) for a in lab.agents]
         assert {h["name"]: h["id"] for h in hosts} == ids  # left as they were
-        vm_id = first["VIRTYARD_DEMO_VM"]
+        assert (vm["id"], vm["status"], vm["host"]["id"]) == (vm_id, "up", ids["host1"])
+        assert vm["start_time"] == started  # not started again
+        assert (attachment["active"], attachment["interface"]) == (True, "virtio_scsi")
+        assert disk["lun_storage"]["logical_units"]["logical_unit"][0]["id"] == target.wwid(1)
+        assert first["VIRTYARD_GUEST_KERNEL"] == str(lab.guest_image.kernel)
         with lab.agent_client(0) as client:
-            [vm] = client.call("Host.getVMFullList", {"vmList": [vm_id]})
-            assert vm["status"] == "Up"
-            [disk] = [d for d in vm["devices"] if d["device"] == "disk"]
-            assert disk["GUID"].startswith("360000000000000000e")
-            [cd] = [d for d in vm["devices"] if d["device"] == "cdrom"]
-            assert "PDIV" not in cd  # an empty tray, ready for VIRTYARD_DEMO_ISO
+            [running] = client.call("Host.getVMFullList", {"vmList": [vm_id]})
+            assert running["status"] == "Up"
+            [lun] = [d for d in running["devices"] if d.get("type") == "disk"]
+            assert (lun["device"], lun["GUID"], lun["diskId"]) == ("disk", target.wwid(1),
+                                                                   disk["id"])
             iso = json.loads(first["VIRTYARD_DEMO_ISO"])
             volumes = client.call("Volume.list", {"domainID": iso["domainID"]})
             assert [(v["volumeID"], v["state"]) for v in volumes] == [(iso["volumeID"],
                                                                        "READY")]
-            assert client.call("Host.getDevicesVisibility", {"guidList": [disk["GUID"]]})
         with lab.agent_client(1) as client:
             assert client.call("Host.getDevicesVisibility",
-                               {"guidList": [disk["GUID"]]}) == {disk["GUID"]: True}
+                               {"guidList": [target.wwid(1)]}) == {target.wwid(1): True}
     finally:
-        with lab.agent_client(0) as client:
-            client.call("VM.destroy", {"vmID": first["VIRTYARD_DEMO_VM"]})
+        with lab.engine.api() as api:  # the session's engine as it was: no VM, disk or host
+            for vm in api.get("/vms").json().get("vm", []):
+                if vm["status"] != "down":
+                    api.post(f"/vms/{vm['id']}/stop", json={}).raise_for_status()
+                api.delete(f"/vms/{vm['id']}").raise_for_status()
+            for disk in api.get("/disks").json().get("disk", []):
+                api.delete(f"/disks/{disk['id']}").raise_for_status()
+            for host in api.get("/hosts").json()["host"]:
+                api.post(f"/hosts/{host['id']}/deactivate").raise_for_status()
+                api.delete(f"/hosts/{host['id']}").raise_for_status()
         for index in range(len(lab.agents)):
             with lab.agent_client(index) as client:
                 for _ in range(2):  # set_up ran twice but connected once: both calls are fine
@@ -180,10 +196,6 @@ def test_demo_set_up_is_idempotent(lab: Lab) -> None:
                             "id": DEMO_CONNECTION, "connection": "127.0.0.1",
                             "iqn": first["VIRTYARD_DEMO_TARGET"]}]})
         lab.storage.delete_target("demo")
-        with lab.engine.api() as api:  # the session's engine as it was: no hosts
-            for host in api.get("/hosts").json()["host"]:
-                api.post(f"/hosts/{host['id']}/deactivate").raise_for_status()
-                api.delete(f"/hosts/{host['id']}").raise_for_status()
 
 
 def test_exec_runs_in_the_guest_and_passes_the_exit_status(

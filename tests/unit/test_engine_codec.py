@@ -51,13 +51,14 @@ def test_list_xml_and_json() -> None:
 
 
 def test_links_render_unless_followed() -> None:
-    plain = etree.fromstring(codec.to_xml(GADGET, {"id": "g"}))
+    assert etree.fromstring(codec.to_xml(GADGET, {"id": "g"})).find("link") is None  # a ref
+    plain = etree.fromstring(codec.to_xml(GADGET, {"id": "g", "name": "x"}))
     link = plain.find("link")
     assert link.get("rel") == "parts" and link.get("href") == "/ovirt-engine/api/gadgets/g/parts"
     followed = etree.fromstring(codec.to_xml(GADGET, {"id": "g", "things": [{"size": 3}]}))
     assert followed.find("link") is None
     assert followed.find("things/gadget_part/size").text == "3"
-    as_json = json.loads(codec.to_json(GADGET, {"id": "g"}))
+    as_json = json.loads(codec.to_json(GADGET, {"id": "g", "name": "x"}))
     assert as_json["link"] == [{"href": "/ovirt-engine/api/gadgets/g/parts", "rel": "parts"}]
 
 

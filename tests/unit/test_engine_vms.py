@@ -618,11 +618,16 @@ def test_remove_vm(api: Api) -> None:
     assert refused.status_code == 409 and "ACTION_TYPE_FAILED_VM_IS_RUNNING" in refused.text
     assert "VM run00000 is up; stop it first." in refused.text
     disk_ids = [a.disk.id for a in sdk_read(api.get(f"/vms/{down}/diskattachments"))]
+    [kept] = seed(api.db, 1, prefix="kp", disks_per_vm=1)
+    kept_disks = [a.disk.id for a in sdk_read(api.get(f"/vms/{kept}/diskattachments"))]
+    assert api.delete(f"/vms/{kept}", detach_only="true").status_code == 200
+    for disk_id in kept_disks:  # detach_only: the LUN disks stay, as floating disks
+        assert sdk_read(api.get(f"/disks/{disk_id}")).lun_storage is not None
     removed = api.delete(f"/vms/{down}", detach_only="false")
     assert removed.status_code == 200 and b"<status>complete</status>" in removed.content
     assert api.get(f"/vms/{down}").status_code == 404
-    for disk_id in disk_ids:  # the LUN disks stay, as floating disks
-        assert sdk_read(api.get(f"/disks/{disk_id}")).lun_storage is not None
+    for disk_id in disk_ids:  # as oVirt: the VM's disks go with it
+        assert api.get(f"/disks/{disk_id}").status_code == 404
     with api.db.read() as tx:
         for table in (DiskVmElement, VmDevice, VmDynamic, VmPlacementHost):
             assert tx.scalar(select(func.count()).select_from(table)

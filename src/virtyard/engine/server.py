@@ -69,6 +69,8 @@ def serve(config: EngineConfig) -> None:
     uvicorn.run(make_app(services), host=config.server.address, port=config.server.port,
                 ssl_certfile=str(config.server.cert), ssl_keyfile=str(config.server.key),
                 log_config=None, access_log=False, timeout_graceful_shutdown=5,
+                # Large answers (a follow over thousands of VMs) take seconds to send.
+                timeout_keep_alive=30,
                 h11_max_incomplete_event_size=64 * 1024)
 
 

@@ -130,7 +130,9 @@ def endpoint(operation: Operation) -> Any:
             return fault_response(ApiError(500, "Internal error",
                                            "The engine failed; see its log", "INTERNAL"),
                                   as_json)
-        return render(operation, result, as_json)
+        # Rendering a large list takes a while: off the event loop, like the handler.
+        response: Response = await anyio.to_thread.run_sync(render, operation, result, as_json)
+        return response
 
     return handle
 

@@ -140,6 +140,12 @@ def _scalar_to_json(value: Any) -> Any:
     return value
 
 
+def _is_reference(model: Model) -> bool:
+    """A bare reference (``<vm id=… href=…/>``) gets no ``<link>`` children: only objects
+    rendered with their fields do (oVirt renders them alike; large lists stay lean)."""
+    return all(key in ("id", "href") for key in model)
+
+
 def href_of(t: Type, model: Model) -> str | None:
     """An entity's ``href``: given by the model, or its top-level collection's path."""
     if "href" in model:
@@ -159,7 +165,7 @@ def _xml_element(t: Type, model: Model, tag: str | None = None) -> etree._Elemen
         element.set("href", xml_safe(href))
     if t.identified and model.get("id") is not None:
         element.set("id", xml_safe(str(model["id"])))
-    if href:
+    if href and not _is_reference(model):
         for link in t.links:
             if link.field not in model:
                 etree.SubElement(element, "link", href=xml_safe(f"{href}/{link.rel}"),
@@ -277,7 +283,7 @@ def _json_object(t: Type, model: Model) -> dict[str, Any]:
         if link.field in model and t.field_named(link.field) is None:
             out[link.field] = _json_value(ListOf(REGISTRY[link.item], link.item),
                                           model[link.field])
-        elif href:
+        elif href and not _is_reference(model):
             links.append({"href": f"{href}/{link.rel}", "rel": link.rel})
     if links:
         out["link"] = links

@@ -166,8 +166,9 @@ class AddVm(Command[Vm]):
 class RemoveVm(Command[tuple[str, list[tuple[str, str]]]]):
     """Remove a VM that is down, with its disk attachments.
 
-    Its disks are detached, not deleted: a LUN disk's data is on the SAN and its record is
-    what a later attach needs (``detach_only`` is accepted; LUN disks are kept either way).
+    As oVirt does, its disks go too unless ``detach_only`` — but never a disk another VM still
+    has attached (a shareable LUN). Removing a LUN disk forgets the record, not the data: the
+    LUN on the SAN is untouched and can be added again.
     """
 
     action: ClassVar[str] = "remove"
@@ -191,6 +192,12 @@ class RemoveVm(Command[tuple[str, list[tuple[str, str]]]]):
             .where(DiskVmElement.vm_id == vm.id).order_by(BaseDisk.alias))]
         for table in (VmDevice, DiskVmElement, VmPlacementHost, VmDynamic):
             tx.execute(delete(table).where(table.vm_id == vm.id))
+        if not self.detach_only and disks:
+            still_used = set(tx.scalars(select(DiskVmElement.disk_id).where(
+                DiskVmElement.disk_id.in_([d for d, _a in disks]))))
+            gone = [d for d, _a in disks if d not in still_used]
+            if gone:
+                tx.execute(delete(BaseDisk).where(BaseDisk.id.in_(gone)))
         name = vm.name
         tx.delete(vm)
         return name, disks

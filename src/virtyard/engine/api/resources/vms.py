@@ -25,7 +25,7 @@ from virtyard.engine.queries import disks as _disks  # noqa: F401  (registers fo
 from virtyard.engine.queries import vms as queries
 
 DETACH_ONLY = QueryParam("detach_only", "boolean",
-                         "Keep the VM's disks (they are kept either way: detached).")
+                         "Keep the VM's disks, detached (default: removed with the VM).")
 FORCE = QueryParam("force", "boolean", "Accepted for compatibility.")
 CURRENT = QueryParam("current", "boolean",
                      "The CD the running VM has now, instead of the one for the next run.")
@@ -98,7 +98,8 @@ def add_vm(req: ApiRequest) -> Model:
 
 @ROUTES.delete("/vms/{id}", query=(ASYNC, DETACH_ONLY, FORCE))
 def remove_vm(req: ApiRequest) -> None:
-    """Remove a VM that is down; its disks are detached and kept."""
+    """Remove a VM that is down with its disks (``detach_only=true``: keep the disks; a disk
+    another VM still uses is always kept)."""
     run(RemoveVm(req.path["id"], detach_only=req.flag("detach_only")), req.ctx())
 
 
