@@ -86,3 +86,5 @@ DISK_ADDED = _t(2020, "normal", "LUN {wwid} was added as disk {disk} by {user}."
 DISK_REMOVED = _t(2014, "normal", "Disk {disk} was removed by {user}.")
 DISK_ATTACHED = _t(2016, "normal", "Disk {disk} was attached to VM {vm} by {user}.")
 DISK_DETACHED = _t(2018, "normal", "Disk {disk} was detached from VM {vm} by {user}.")
+# Monitoring.
+VM_DOWN = _t(119, "error", "VM {vm} is down: {reason}")

@@ -69,6 +69,16 @@ class HeartbeatConfig(_Section):
     concurrency: int = Field(default=64, ge=1)
 
 
+class MonitoringConfig(_Section):
+    # The safety-net poll of every host's VMs (oVirt: 15 s); pushes bring changes sooner.
+    poll_interval: float = Field(default=15.0, gt=0)
+    push: bool = True
+    long_poll: float = Field(default=25.0, gt=0, le=60)
+    concurrency: int = Field(default=64, ge=1)
+    # Benchmarks only: read every VM's full device list every cycle (what the hash avoids).
+    naive: bool = False
+
+
 class AuthConfig(_Section):
     # The first start creates admin@internal with this password (file, or the environment);
     # without one it generates a password and writes it to <state_dir>/admin-password (0600).
@@ -91,6 +101,7 @@ class EngineConfig(_Section):
     database: DatabaseConfig = DatabaseConfig()
     hosts: HostsConfig = HostsConfig()
     heartbeat: HeartbeatConfig = HeartbeatConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
     auth: AuthConfig = AuthConfig()
     api: ApiConfig = ApiConfig()
     debug: DebugConfig = DebugConfig()

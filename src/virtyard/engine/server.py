@@ -22,6 +22,7 @@ from starlette.applications import Starlette
 
 from virtyard.engine.api.app import build_app
 from virtyard.engine.config import ConfigError, EngineConfig, load_config
+from virtyard.engine.monitoring.loop import Monitor
 from virtyard.engine.operator import OperatorError, add_parsers, open_database
 from virtyard.engine.recovery import Recovery
 from virtyard.engine.services import Services, build_services, ensure_admin
@@ -41,8 +42,13 @@ def make_app(services: Services) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        settings = services.config.monitoring
+        services.monitor = Monitor(services, poll_interval=settings.poll_interval,
+                                   push=settings.push, long_poll=settings.long_poll,
+                                   concurrency=settings.concurrency, naive=settings.naive)
         tasks = [asyncio.create_task(services.heartbeat.run(), name="heartbeat"),
-                 asyncio.create_task(Recovery(services).run(), name="recovery")]
+                 asyncio.create_task(Recovery(services).run(), name="recovery"),
+                 asyncio.create_task(services.monitor.run(), name="monitoring")]
         try:
             yield
         finally:

@@ -35,6 +35,7 @@ class Services:
     pool: HostPool
     heartbeat: Heartbeat
     connections: ConnectionReconciler
+    monitor: Any = None  # monitoring.loop.Monitor, made on the event loop (server.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def record_event(self, kind: audit.EventType, values: dict[str, object]) -> None:

@@ -26,6 +26,7 @@ from virtyard.engine import audit
 from virtyard.engine.db.database import Database
 from virtyard.engine.db.models import Host, utcnow
 from virtyard.engine.hosts.pool import HostAddress, HostCallError, HostPool, HostUnreachableError
+from virtyard.engine.monitoring.sync import mark_unknown
 
 log = logging.getLogger("virtyard.engine.heartbeat")
 
@@ -177,6 +178,7 @@ class Heartbeat:
                 host.status_detail = outcome.detail
                 audit.record(tx, audit.HOST_NOT_RESPONDING, ids, host=host.name,
                              detail=outcome.detail)
+                mark_unknown(tx, host.id)
                 return 1
             return 0
         if outcome.restarted:
