@@ -34,9 +34,11 @@ import httpx
 import ovirtsdk4 as sdk4
 import pytest
 import sqlalchemy as sa
+from engine_helpers import target_name
 from ovirtsdk4 import types
 
 from virtyard.lab.engine import ADMIN, EngineProcess
+from virtyard.lab.iscsi_target import TargetInfo
 from virtyard.lab.lab import Lab
 from virtyard.lab.postgres import PostgresServer
 
@@ -390,3 +392,43 @@ def _engine_log_on_trouble(request: pytest.FixtureRequest) -> Iterator[None]:
     logged = engine.log_since(offset)
     if "Traceback" in logged or " ERROR " in logged:
         print(f"--- the {engine.kind} engine logged during this test:\n{logged[-8000:]}")
+
+
+# -- engine flows on the lab ------------------------------------------------------------
+
+@pytest.fixture
+def two_hosts(add_lab_host: Callable[..., types.Host],
+              wait_host: Callable[..., types.Host]) -> list[types.Host]:
+    hosts = [add_lab_host(0), add_lab_host(1)]
+    return [wait_host(h.id, types.HostStatus.UP) for h in hosts]
+
+
+@pytest.fixture
+def engine_vms(sdk: sdk4.Connection) -> Iterator[list[str]]:
+    """VM ids a test made; stopped and removed after it, whatever happened."""
+    made: list[str] = []
+    yield made
+    vms = sdk.system_service().vms_service()
+    for vm_id in made:
+        service = vms.vm_service(vm_id)
+        try:
+            if service.get().status != types.VmStatus.DOWN:
+                service.stop()
+            service.remove()
+        except sdk4.NotFoundError:
+            pass
+
+
+@pytest.fixture
+def restricted(lab: Lab) -> Iterator[Callable[[TargetInfo, list[int] | None], None]]:
+    """Let only some lab hosts' initiators log in to a target (undone after the test)."""
+    touched: list[TargetInfo] = []
+
+    def restrict(target: TargetInfo, hosts: list[int] | None) -> None:
+        touched.append(target)
+        names = None if hosts is None else [lab.agents[i].initiator_name for i in hosts]
+        lab.storage.restrict(target_name(target), names)
+
+    yield restrict
+    for target in {t.iqn: t for t in touched}.values():
+        lab.storage.restrict(target_name(target), None)

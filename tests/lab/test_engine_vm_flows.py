@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import libvirt
 import ovirtsdk4 as sdk4
 import pytest
+from engine_helpers import domain_on, engine_connections, wait_guest_path
 from ovirtsdk4 import types
 
 from virtyard.lab import qga
@@ -28,71 +27,6 @@ pytestmark = pytest.mark.lab
 MiB = 1 << 20
 OFFSET = 5 * MiB
 
-
-def target_name(target: TargetInfo) -> str:
-    return target.iqn.split(":", 1)[1]
-
-
-def engine_connections(lab: Lab, index: int, ids: set[str]) -> set[str]:
-    """The engine's connections (by id) that lab host ``index``'s agent keeps."""
-    with lab.agent_client(index) as agent:
-        return {c["id"] for c in agent.call("StoragePool.getConnections")} & ids
-
-
-def domain_on(lab: Lab, index: int, vm_id: str) -> libvirt.virDomain | None:
-    conn = libvirt.open(lab.hosts[index].uri)
-    try:
-        return conn.lookupByUUIDString(vm_id)
-    except libvirt.libvirtError:
-        return None
-
-
-def wait_guest_path(dom: libvirt.virDomain, path: str, *, present: bool = True,
-                    timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (qga.run(dom, f"test -b {path}").exitcode == 0) == present:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{path} {'did not appear' if present else 'stayed'} in the guest")
-
-
-@pytest.fixture
-def two_hosts(add_lab_host: Callable[..., types.Host],
-              wait_host: Callable[..., types.Host]) -> list[types.Host]:
-    hosts = [add_lab_host(0), add_lab_host(1)]
-    return [wait_host(h.id, types.HostStatus.UP) for h in hosts]
-
-
-@pytest.fixture
-def engine_vms(sdk: sdk4.Connection) -> Iterator[list[str]]:
-    """VM ids a test made; stopped and removed after it, whatever happened."""
-    made: list[str] = []
-    yield made
-    vms = sdk.system_service().vms_service()
-    for vm_id in made:
-        service = vms.vm_service(vm_id)
-        try:
-            if service.get().status != types.VmStatus.DOWN:
-                service.stop()
-            service.remove()
-        except sdk4.NotFoundError:
-            pass
-
-
-@pytest.fixture
-def restricted(lab: Lab) -> Iterator[Callable[[TargetInfo, list[int] | None], None]]:
-    """Let only some lab hosts' initiators log in to a target (undone after the test)."""
-    touched: list[TargetInfo] = []
-
-    def restrict(target: TargetInfo, hosts: list[int] | None) -> None:
-        touched.append(target)
-        names = None if hosts is None else [lab.agents[i].initiator_name for i in hosts]
-        lab.storage.restrict(target_name(target), names)
-
-    yield restrict
-    for target in {t.iqn: t for t in touched}.values():
-        lab.storage.restrict(target_name(target), None)
 
 
 def test_lun_vm_lifecycle(engine: Any, sdk: sdk4.Connection, lab: Lab, *,

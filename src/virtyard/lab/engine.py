@@ -36,12 +36,15 @@ class EngineProcess:
     """One ``virtyard-engine run`` with its own state folder, port and database."""
 
     def __init__(self, root: Path, port: int, pki: LabPki, *, database_url: str = "",
-                 heartbeat_interval: float = 1.0, extra_config: str = "") -> None:
+                 heartbeat_interval: float = 1.0, poll_interval: float = 5.0,
+                 extra_config: str = "") -> None:
         self.root = root
         self.port = port
         self.pki = pki
         self.database_url = database_url
         self.heartbeat_interval = heartbeat_interval
+        # The monitoring's safety-net poll; the push channel brings changes sooner.
+        self.poll_interval = poll_interval
         # Appended to the configuration at the next start (fault injection in crash tests).
         self.extra_config = extra_config
 
@@ -97,6 +100,8 @@ class EngineProcess:
             f'key = "{self.pki.client.key}"\n\n'
             "[heartbeat]\n"
             f"interval = {self.heartbeat_interval}\n\n"
+            "[monitoring]\n"
+            f"poll_interval = {self.poll_interval}\n\n"
             "[auth]\n"
             f'admin_password_file = "{self.password_file}"\n' + self.extra_config)
 
