@@ -26,7 +26,7 @@ from virtyard.engine.api.openapi import openapi_document
 from virtyard.engine.api.routing import ROUTES, ApiRequest, Operation
 from virtyard.engine.api.types.common import ACTION, FAULT
 from virtyard.engine.auth import AuthError
-from virtyard.engine.commands.errors import CommandError
+from virtyard.engine.commands.errors import NOT_AUTHORIZED, CommandError
 
 log = logging.getLogger("virtyard.engine.api")
 
@@ -95,6 +95,9 @@ def endpoint(operation: Operation) -> Any:
         services = request.app.state.services
         try:
             principal = await authenticate(request)
+            if operation.method != "GET" and not principal.can_write:
+                # Before the body is even read: a read-only user learns nothing from checks.
+                raise ApiError.from_command(CommandError(NOT_AUTHORIZED, "perform", "action"))
             for name, value in request.path_params.items():
                 if CONTROL.search(str(value)):
                     raise ApiError(404, "Not Found", f"No object with that {name}", "NOT_FOUND")
