@@ -95,9 +95,9 @@ def test_guest_names_and_vm_death(engine: Any, sdk: sdk4.Connection, lab: Lab, *
     pt_name = wait_for(lambda: attachments.attachment_service(passthrough.id).get()
                        .logical_name, bool, "passthrough logical name")
     assert pt_name.startswith("/dev/sd") and pt_name != name
-    by_wwid = qga.check_output(dom, f"readlink -f /dev/disk/by-id/scsi-{target.wwid(2)}")
-    assert by_wwid.strip() == pt_name
-    wait_guest_path(dom, pt_name)
+    link = f"/dev/disk/by-id/scsi-{target.wwid(2)}"  # the array's identity: that very LUN
+    wait_guest_path(dom, link)  # udev makes the link a moment after the device
+    assert qga.check_output(dom, f"readlink -f {link}").strip() == pt_name
 
     # QEMU dies behind everyone's back: the VM is down in the API, with an event.
     last_event = int(system.events_service().list(max=1)[0].id)
