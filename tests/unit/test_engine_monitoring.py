@@ -4,6 +4,7 @@ names into ``vm_device.logical_name``, VMs that die, hostile reports, external V
 from __future__ import annotations
 
 import asyncio
+import datetime
 import uuid
 from types import SimpleNamespace
 from typing import Any
@@ -24,6 +25,7 @@ from virtyard.engine.db.models import (
     VmDynamic,
 )
 from virtyard.engine.hosts.pool import HostAddress
+from virtyard.engine.monitoring import sync
 from virtyard.engine.monitoring.loop import Monitor
 from virtyard.engine.monitoring.sync import mark_unknown
 
@@ -190,3 +192,19 @@ def test_a_non_responsive_host_makes_its_vms_unknown(world: SimpleNamespace) -> 
     poll(world, Monitor(world.services, push=False))  # the host answers again
     with world.db.read() as tx:
         assert tx.scalar(select(func.count()).where(VmDynamic.status == "up")) == 3
+
+
+def test_a_report_older_than_the_engines_change_is_ignored(world: SimpleNamespace) -> None:
+    """A stop that ended after the host was asked: the stale "Up" must not revive the VM."""
+    asked = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=1)
+    with world.db.transaction() as tx:
+        dynamic = tx.get(VmDynamic, world.vms[0])
+        assert dynamic is not None
+        dynamic.status, dynamic.run_on_host_id = "down", None
+        dynamic.status_changed_at = datetime.datetime.now(datetime.UTC)
+    reports = [sync.VmReport(vm_id, "up", "run-1") for vm_id in world.vms]
+    with world.db.transaction() as tx:
+        result = sync.apply(tx, world.host.host_id, reports, [], complete=True, asked_at=asked)
+    with world.db.read() as tx:
+        assert tx.get(VmDynamic, world.vms[0]).status == "down"  # type: ignore[union-attr]
+    assert result.went_down == [] and result.changed_vms == 0

@@ -30,6 +30,7 @@ from virtyard.engine.db.models import (
     HostConnectionPin,
     VmDevice,
     VmDynamic,
+    utcnow,
 )
 from virtyard.engine.hosts import connections as conns
 from virtyard.engine.hosts import vm_spec
@@ -130,6 +131,9 @@ class PlugDisk(FlowCommand[dict[str, Any]]):
         device = tx.get(VmDevice, (self.disk_id, self.vm_id))
         assert device is not None
         device.is_plugged = self.plug
+        dynamic = tx.get(VmDynamic, self.vm_id)
+        if dynamic is not None:  # reports asked before now are older than this change
+            dynamic.status_changed_at = utcnow()
         if not self.plug:
             device.logical_name = ""
         if "place" in result:

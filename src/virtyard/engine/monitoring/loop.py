@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import time
 from collections.abc import Iterable
@@ -31,13 +32,15 @@ from typing import Any
 import anyio.to_thread
 from sqlalchemy import select
 
-from virtyard.engine.db.models import Host, VmDynamic
+from virtyard.engine.db.models import Host, VmDynamic, utcnow
 from virtyard.engine.hosts.pool import HostAddress, HostCallError, HostUnreachableError
 from virtyard.engine.monitoring import sync
 
 log = logging.getLogger("virtyard.engine.monitoring")
 
 METHOD_NOT_FOUND = -32601
+# A pushed event describes the moment it happened, a little before it arrives.
+EVENT_AGE = datetime.timedelta(milliseconds=200)
 
 
 @dataclass
@@ -140,16 +143,19 @@ class Monitor:
         lock = self._host_locks.setdefault(host.host_id, asyncio.Lock())
         async with lock:
             self.stats.stats_calls += 1
+            asked_at = utcnow()
             raw = await self.pool.call(host, "Host.getAllVmStats")
             reports, dropped = sync.parse_stats(raw)
             wanted = set(only) if only is not None else None
             changed = [r.vm_id for r in reports if r.status != "down" and (
                 self.naive or self._hashes.get(r.vm_id) != r.hash
                 or (wanted is not None and r.vm_id in wanted))]
-            await self._store(host, reports, changed, complete=True, dropped=dropped)
+            await self._store(host, reports, changed, complete=True, dropped=dropped,
+                              asked_at=asked_at)
 
     async def _store(self, host: HostAddress, reports: list[sync.VmReport],
-                     changed: list[str], *, complete: bool, dropped: int = 0) -> None:
+                     changed: list[str], *, complete: bool, dropped: int = 0,
+                     asked_at: datetime.datetime | None = None) -> None:
         devices: list[sync.DeviceReport] = []
         if changed:
             self.stats.full_list_calls += 1
@@ -162,7 +168,7 @@ class Monitor:
             log.warning("host %s: dropped %d malformed entries of its report", host.address,
                         dropped)
         result = await anyio.to_thread.run_sync(self._apply, host.host_id, reports, devices,
-                                                complete)
+                                                complete, asked_at)
         for report in devices:
             self._hashes[report.vm_id] = report.hash
         for vm_id, _name in result.went_down:
@@ -179,9 +185,11 @@ class Monitor:
             await self.services.connections.reconcile_quietly(host)
 
     def _apply(self, host_id: str, reports: list[sync.VmReport],
-               devices: list[sync.DeviceReport], complete: bool) -> sync.SyncResult:
+               devices: list[sync.DeviceReport], complete: bool,
+               asked_at: datetime.datetime | None) -> sync.SyncResult:
         with self.db.transaction() as tx:
-            return sync.apply(tx, host_id, reports, devices, complete=complete)
+            return sync.apply(tx, host_id, reports, devices, complete=complete,
+                              asked_at=asked_at)
 
     async def _follow(self, host: HostAddress) -> None:
         """The push channel of one host: long-poll its events, apply them at once."""
@@ -213,11 +221,12 @@ class Monitor:
                 continue
             since = seq if isinstance(seq, int) else since
             try:
-                await self._apply_events(host, events)
+                await self._apply_events(host, events, utcnow() - EVENT_AGE)
             except (HostCallError, HostUnreachableError) as exc:
                 log.debug("host %s: push not applied (the poll will): %s", host.address, exc)
 
-    async def _apply_events(self, host: HostAddress, events: list[Any]) -> None:
+    async def _apply_events(self, host: HostAddress, events: list[Any],
+                            asked_at: datetime.datetime) -> None:
         latest: dict[str, dict[str, Any]] = {}
         for event in events:
             if isinstance(event, dict) and isinstance(event.get("vmId"), str):
@@ -229,4 +238,5 @@ class Monitor:
                    if r.status != "down" and self._hashes.get(r.vm_id) != r.hash]
         lock = self._host_locks.setdefault(host.host_id, asyncio.Lock())
         async with lock:
-            await self._store(host, reports, changed, complete=False, dropped=dropped)
+            await self._store(host, reports, changed, complete=False, dropped=dropped,
+                              asked_at=asked_at)

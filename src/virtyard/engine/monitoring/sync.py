@@ -10,6 +10,7 @@ report only) is down: its storage connections there are released.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import re
 from dataclasses import dataclass, field
@@ -127,8 +128,12 @@ def parse_full_list(raw: Any) -> tuple[list[DeviceReport], int]:
 
 
 def apply(tx: Session, host_id: str, stats: list[VmReport], devices: list[DeviceReport], *,
-          complete: bool) -> SyncResult:
-    """Write what changed; ``complete``: ``stats`` lists every VM the host runs."""
+          complete: bool, asked_at: datetime.datetime | None = None) -> SyncResult:
+    """Write what changed; ``complete``: ``stats`` lists every VM the host runs.
+
+    ``asked_at``: when the host was asked. A VM whose state the engine changed after that (a
+    flow that ended meanwhile) is left alone: the report is older than what the database
+    knows, and applying it would bring back a VM just stopped."""
     result = SyncResult()
     reported = {r.vm_id: r for r in stats}
     stmt = select(VmDynamic, Vm.name).join(Vm, Vm.id == VmDynamic.vm_id)
@@ -138,6 +143,9 @@ def apply(tx: Session, host_id: str, stats: list[VmReport], devices: list[Device
     known = {d.vm_id: (d, name) for d, name in tx.execute(stmt)}
     busy = set(tx.scalars(select(Flow.vm_id).where(Flow.vm_id.in_(list(known)))))
     result.external = sorted(set(reported) - set(known))
+    stale = {vm_id for vm_id, (dynamic, _n) in known.items()
+             if asked_at is not None and _aware(dynamic.status_changed_at) > asked_at}
+    busy |= stale
     for vm_id, (dynamic, name) in known.items():
         if vm_id in busy:
             continue
@@ -165,6 +173,10 @@ def apply(tx: Session, host_id: str, stats: list[VmReport], devices: list[Device
         result.changed_devices += _apply_devices(tx, listed)
         known[listed.vm_id][0].devices_hash = listed.hash
     return result
+
+
+def _aware(when: datetime.datetime) -> datetime.datetime:
+    return when if when.tzinfo is not None else when.replace(tzinfo=datetime.UTC)
 
 
 def _went_down(tx: Session, dynamic: VmDynamic, name: str, host_id: str, reason: str) -> None:
