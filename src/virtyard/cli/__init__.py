@@ -1,1 +1,1 @@
-"""Virtyard cli (see docs/ARCHITECTURE.md)."""
+"""``virtyard``: the command-line client of the engine's REST API (see ``main``, docs/cli.md)."""
