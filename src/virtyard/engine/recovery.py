@@ -4,10 +4,14 @@ A flow row left in the database means the engine died between its two transactio
 one the hosts are asked what really happened — does the VM run, and where; does the disk sit
 in the VM — and the database takes the hosts' answer: a run that created the VM completes, one
 that did not is undone; a stop completes (destroying again is harmless); a migration ends where
-the VM runs once the source's agent says it has finished; a plug or unplug takes the state the
-VM's device list shows. A host that cannot be asked leaves its flow for the next round, never a
-guess. Then every VM's connection pins are recomputed from the settled state and every Up
-host is reconciled, so no connection stays that nothing needs and none is missing.
+the VM runs once the source's agent says no migration of it runs (any more, or at all: the
+engine may have died before or after asking for it, the agent may have restarted since); a plug
+or unplug takes the state the VM's device list shows. A host that cannot be asked leaves its
+flow for the next round, never a guess. Each settled flow sets its VM's connection pins from
+the settled state in the same transaction and reconciles the hosts whose pins changed at once,
+so a flow that waits for a host holds up no other VM. Once none is left, every VM's pins are
+recomputed (the safety net) and every Up host is reconciled, so no connection stays that
+nothing needs and none is missing.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from virtyard.engine.hosts.pool import HostAddress, HostCallError, HostUnreachab
 log = logging.getLogger("virtyard.engine.recovery")
 
 NO_SUCH_VM = 1
+NO_MIGRATION = 12  # the agent's migrateErr from VM.migrateStatus: no migration of it is known
 RETRY = 3.0
 
 
@@ -64,10 +69,12 @@ class Recovery:
         left = 0
         for flow in flows:
             try:
-                await self.settle(flow)
+                touched = await self.settle(flow)
             except UnsureError as exc:
                 log.info("flow %s (%s of VM %s) waits: %s", flow.id, flow.kind, flow.vm_id, exc)
                 left += 1
+                continue
+            await self._reconcile(touched)
         return left
 
     def _flows(self) -> list[Flow]:
@@ -91,14 +98,15 @@ class Recovery:
         status = str(stats[0].get("status", "")).lower() if stats else "down"
         return status not in ("down", "")
 
-    async def settle(self, flow: Flow) -> None:
+    async def settle(self, flow: Flow) -> list[str]:
+        """Settle one flow from what the hosts say; the hosts whose pins changed."""
         data = flow_data(flow)
         vm_id = flow.vm_id or ""
         if flow.kind == "run_vm":
             hosts = self._hosts(list(data.get("candidates", [])))
             running = [h for h in hosts.values() if await self._runs_on(h, vm_id)]
-            await anyio.to_thread.run_sync(self._settle_run, flow, running)
-        elif flow.kind == "stop_vm":
+            return await anyio.to_thread.run_sync(self._settle_run, flow, running)
+        if flow.kind == "stop_vm":
             host = self._hosts([flow.host_id or ""]).get(flow.host_id or "")
             if host is not None and await self._runs_on(host, vm_id):
                 try:
@@ -108,14 +116,14 @@ class Recovery:
                         raise UnsureError(str(exc)) from exc
                 except HostUnreachableError as exc:
                     raise UnsureError(str(exc)) from exc
-            await anyio.to_thread.run_sync(self._settle_stop, flow)
-        elif flow.kind == "migrate_vm":
-            await self._settle_migration(flow)
-        elif flow.kind in ("plug_disk",):
-            await self._settle_plug(flow, bool(data.get("plug", True)))
-        else:
-            log.warning("flow %s of unknown kind %s dropped", flow.id, flow.kind)
-            await anyio.to_thread.run_sync(self._drop, flow)
+            return await anyio.to_thread.run_sync(self._settle_stop, flow)
+        if flow.kind == "migrate_vm":
+            return await self._settle_migration(flow)
+        if flow.kind == "plug_disk":
+            return await self._settle_plug(flow, bool(data.get("plug", True)))
+        log.warning("flow %s of unknown kind %s dropped", flow.id, flow.kind)
+        await anyio.to_thread.run_sync(self._drop, flow)
+        return []
 
     def _drop(self, flow: Flow) -> None:
         with self.db.transaction() as tx:
@@ -125,7 +133,33 @@ class Recovery:
         audit.record(tx, audit.FLOW_RECOVERED, audit.Ids(vm_id=flow.vm_id),
                      correlation_id=flow.correlation_id, flow=flow.kind, outcome=text)
 
-    def _settle_run(self, flow: Flow, running: list[HostAddress]) -> None:
+    def _pin(self, tx: Any, vm_id: str) -> list[str]:
+        """The VM's pins from its settled state — what its plugged disks need, on the host it
+        runs on, nothing elsewhere (as ``finish``/``undo`` leave them); the hosts whose pins
+        changed. Safe while the flow's row still locks the VM."""
+        owner = conns.vm_owner(vm_id)
+        before = {(row.host_id, row.connection_id) for row in tx.execute(
+            select(HostConnectionPin.host_id, HostConnectionPin.connection_id)
+            .where(HostConnectionPin.owner == owner))}
+        dynamic = tx.get(VmDynamic, vm_id)
+        host_id = dynamic.run_on_host_id if dynamic is not None \
+            and dynamic.status in ACTIVE else None
+        conns.drop_owner(tx, owner, except_host=host_id)
+        after: set[tuple[str, str]] = set()
+        if host_id:
+            wanted = conns.lun_connection_ids(tx, conns.vm_lun_ids(tx, vm_id))
+            conns.set_pins(tx, host_id, owner, wanted)
+            after = {(host_id, c) for c in wanted}
+        return sorted({h for h, _c in before ^ after})
+
+    async def _reconcile(self, host_ids: list[str]) -> None:
+        if not host_ids:
+            return
+        hosts = await anyio.to_thread.run_sync(self._hosts, host_ids)
+        await asyncio.gather(*(self.services.connections.reconcile_quietly(h)
+                               for h in hosts.values()))
+
+    def _settle_run(self, flow: Flow, running: list[HostAddress]) -> list[str]:
         vm_id = flow.vm_id or ""
         with self.db.transaction() as tx:
             dynamic = tx.get(VmDynamic, vm_id)
@@ -133,39 +167,56 @@ class Recovery:
                 host = running[0]
                 dynamic.status = "up"
                 dynamic.run_on_host_id = host.host_id
+                dynamic.exit_reason = ""
                 dynamic.status_changed_at = utcnow()
                 self._event(tx, flow, f"the VM runs on {host.address}: run completed")
             else:
                 mark_down(tx, vm_id, "the engine stopped while starting it")
                 self._event(tx, flow, "the VM did not start: run undone")
+            touched = self._pin(tx, vm_id)
             tx.execute(delete(Flow).where(Flow.id == flow.id))
+        return touched
 
-    def _settle_stop(self, flow: Flow) -> None:
+    def _settle_stop(self, flow: Flow) -> list[str]:
         with self.db.transaction() as tx:
             mark_down(tx, flow.vm_id or "", "stopped")
             self._event(tx, flow, "the VM is down: stop completed")
+            touched = self._pin(tx, flow.vm_id or "")
             tx.execute(delete(Flow).where(Flow.id == flow.id))
+        return touched
 
-    async def _settle_migration(self, flow: Flow) -> None:
+    async def _settle_migration(self, flow: Flow) -> list[str]:
         vm_id = flow.vm_id or ""
         hosts = self._hosts([flow.host_id or "", flow.target_host_id or ""])
         source = hosts.get(flow.host_id or "")
         target = hosts.get(flow.target_host_id or "")
         if source is None or target is None:
             raise UnsureError("a host of the migration is gone")
-        if flow.step in ("started", "done"):
-            try:
-                state = await self.pool.call(source, "VM.migrateStatus", {"vmID": vm_id})
-            except (HostCallError, HostUnreachableError) as exc:
+        # Whatever the step: the engine may have died between VM.migrate and recording it.
+        try:
+            state = await self.pool.call(source, "VM.migrateStatus", {"vmID": vm_id})
+        except HostCallError as exc:
+            if exc.code != NO_MIGRATION:  # else: never started, or the agent restarted
                 raise UnsureError(str(exc)) from exc
-            if str(state.get("status", "")) in ("starting", "running"):
-                raise UnsureError("the migration still runs")
+            state = {}
+        except HostUnreachableError as exc:
+            raise UnsureError(str(exc)) from exc
+        if str(state.get("status", "")) in ("starting", "running"):
+            raise UnsureError("the migration still runs")
         on_target = await self._runs_on(target, vm_id)
         on_source = await self._runs_on(source, vm_id)
+        return await anyio.to_thread.run_sync(self._end_migration, flow, source, target,
+                                              on_source, on_target)
+
+    def _end_migration(self, flow: Flow, source: HostAddress, target: HostAddress,
+                       on_source: bool, on_target: bool) -> list[str]:
+        vm_id = flow.vm_id or ""
         with self.db.transaction() as tx:
             dynamic = tx.get(VmDynamic, vm_id)
             if dynamic is not None:
                 dynamic.migrating_to_host_id = None
+                dynamic.devices_hash = ""
+                dynamic.status_changed_at = utcnow()
                 if on_target and not on_source:
                     dynamic.status, dynamic.run_on_host_id = "up", target.host_id
                     self._event(tx, flow, f"the VM runs on {target.address}: migration done")
@@ -175,9 +226,11 @@ class Recovery:
                 else:
                     mark_down(tx, vm_id, "down after an interrupted migration")
                     self._event(tx, flow, "the VM runs nowhere: marked down")
+            touched = self._pin(tx, vm_id)
             tx.execute(delete(Flow).where(Flow.id == flow.id))
+        return touched
 
-    async def _settle_plug(self, flow: Flow, plug: bool) -> None:
+    async def _settle_plug(self, flow: Flow, plug: bool) -> list[str]:
         vm_id = flow.vm_id or ""
         host = self._hosts([flow.host_id or ""]).get(flow.host_id or "")
         present = False
@@ -190,15 +243,24 @@ class Recovery:
                 for dev in vm.get("devices", []) if isinstance(vm, dict) else []:
                     if isinstance(dev, dict) and dev.get("diskId") == flow.disk_id:
                         present = True
+        return await anyio.to_thread.run_sync(self._end_plug, flow, plug,
+                                              present if host is not None else None)
+
+    def _end_plug(self, flow: Flow, plug: bool, present: bool | None) -> list[str]:
+        """``present``: whether the guest has the disk (``None``: no host was called)."""
+        vm_id = flow.vm_id or ""
         with self.db.transaction() as tx:
             device = tx.get(VmDevice, (flow.disk_id or "", vm_id))
-            if device is not None and host is not None:
+            if device is not None and present is not None:
                 device.is_plugged = present
                 if not present:
                     device.logical_name = ""
-            self._event(tx, flow, "the disk is " + ("plugged" if present else "unplugged")
-                        + (" (done)" if present == plug else " (undone)"))
+            plugged = device is not None and device.is_plugged
+            self._event(tx, flow, "the disk is " + ("plugged" if plugged else "unplugged")
+                        + (" (done)" if plugged == plug else " (undone)"))
+            touched = self._pin(tx, vm_id)
             tx.execute(delete(Flow).where(Flow.id == flow.id))
+        return touched
 
     def repin(self) -> list[str]:
         """Every VM's pins from the settled state; the hosts whose pins changed."""
