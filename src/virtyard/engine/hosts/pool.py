@@ -63,8 +63,10 @@ class HostPool:
         client = httpx.AsyncClient(
             verify=self._context, http2=False,
             timeout=httpx.Timeout(self.timeout, connect=self.connect_timeout),
+            # Idle connections are dropped before the agent's server (5 s) closes them, so a
+            # request never goes out on a connection the other side is closing.
             limits=httpx.Limits(max_connections=self.per_host,
-                                max_keepalive_connections=self.per_host))
+                                max_keepalive_connections=self.per_host, keepalive_expiry=3.0))
         self._clients[host.host_id] = (host, client)
         return client
 

@@ -46,6 +46,11 @@ _STATE_NAMES = {
 }
 
 
+def status_of(state: int) -> str:
+    """The VM status (as the stats report it) of a libvirt domain state."""
+    return _STATE_NAMES.get(state, "Unknown")
+
+
 @dataclass(frozen=True)
 class VmSnapshot:
     """A running VM as one live XML read shows it."""
@@ -93,6 +98,8 @@ class VmManager:
         self.channels: Callable[[str], list[Channel]] = lambda vm_id: [Channel(QEMU_GA_CHANNEL)]
         # Told after every device change (the guest names service asks the guest again).
         self.devices_changed: Callable[[str], None] = lambda vm_id: None
+        # Told the new hash after every metadata write, under the VM's lock (the events).
+        self.metadata_written: Callable[[str, str], None] = lambda vm_id, hash: None
         # Drops a VM's holds on image volumes when it stops or leaves this host.
         self.release = release
         self.virt_type = virt_type
@@ -213,6 +220,7 @@ class VmManager:
         """Replace our metadata in the live domain (survives agent restarts and migrations)."""
         dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, metadata.to_libvirt_xml(),
                         METADATA_KEY, METADATA_NS, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        self.metadata_written(dom.UUIDString(), change_hash(dom.ID(), metadata))
 
     def read_metadata(self, dom: libvirt.virDomain) -> VmMetadata:
         """Only our metadata element (much cheaper than the whole live XML)."""
