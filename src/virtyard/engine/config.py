@@ -28,10 +28,11 @@ database URL and ``VIRTYARD_ENGINE_ADMIN_PASSWORD`` the first admin password.
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
+
+from virtyard.common.config import ConfigError, read_toml
 
 
 class _Section(BaseModel):
@@ -112,23 +113,8 @@ class EngineConfig(_Section):
         return url or f"sqlite:///{self.state_dir / 'engine.db'}"
 
 
-class ConfigError(Exception):
-    """The configuration file is missing, not TOML, or has a bad setting (named)."""
-
-
 def load_config(path: Path) -> EngineConfig:
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"configuration file {path} not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    try:
-        config = EngineConfig.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"{path}: setting '{where}': {err['msg']}") from None
+    config = read_toml(path, EngineConfig)
     base = path.parent
     server = config.server.model_copy(update={"cert": base / config.server.cert,
                                               "key": base / config.server.key})
@@ -140,3 +126,6 @@ def load_config(path: Path) -> EngineConfig:
         auth = auth.model_copy(update={"admin_password_file": base / auth.admin_password_file})
     return config.model_copy(update={"state_dir": base / config.state_dir, "server": server,
                                      "hosts": hosts, "auth": auth})
+
+
+__all__ = ["ConfigError", "EngineConfig", "load_config"]

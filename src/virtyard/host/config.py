@@ -19,11 +19,12 @@ Example (``/etc/virtyard/hostd.toml``)::
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
+
+from virtyard.common.config import ConfigError, read_toml
 
 
 class _Section(BaseModel):
@@ -77,26 +78,14 @@ class HostConfig(_Section):
     debug: DebugConfig = DebugConfig()
 
 
-class ConfigError(Exception):
-    """The configuration file is missing, not TOML, or has a bad setting (named)."""
-
-
 def load_config(path: Path) -> HostConfig:
     """Read and validate ``path``; relative paths in it are taken from the file's folder."""
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"configuration file {path} not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    try:
-        config = HostConfig.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"{path}: setting '{where}': {err['msg']}") from None
+    config = read_toml(path, HostConfig)
     base = path.parent
     server = config.server.model_copy(update={
         "cert": base / config.server.cert, "key": base / config.server.key,
         "ca": base / config.server.ca})
     return config.model_copy(update={"server": server, "state_dir": base / config.state_dir})
+
+
+__all__ = ["ConfigError", "HostConfig", "load_config"]

@@ -19,6 +19,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -122,6 +123,23 @@ def record_event(tx: Session, ctx: Context, kind: audit.EventType,
     """An audit event by the command's user, correlated with its request."""
     audit.record(tx, kind, ids, user_id=ctx.principal.user_id, user_name=ctx.principal.name,
                  correlation_id=ctx.correlation_id, **values)
+
+
+E = TypeVar("E")
+
+
+def locked(command: Command[Any], tx: Session, model: type[E], ident: str,
+           missing: ErrorKey, *, for_update: bool = True) -> E:
+    """The row ``ident`` of ``model``, locked for this transaction (commands change what they
+    read), or the command's ``missing`` failure."""
+    column: Any = model.id  # type: ignore[attr-defined]
+    stmt = select(model).where(column == ident)
+    if for_update:
+        stmt = stmt.with_for_update()
+    row = tx.scalars(stmt).first()
+    if row is None:
+        raise command.fail(missing)
+    return row
 
 
 _SQLITE_UNIQUE = re.compile(r"UNIQUE constraint failed: ([\w., ]+)")

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from virtyard.engine import audit
 from virtyard.engine.commands import errors
-from virtyard.engine.commands.base import Command, Context, record_event
+from virtyard.engine.commands.base import Command, Context, locked, record_event
 from virtyard.engine.db.models import DEFAULT_CLUSTER_ID, Cluster, Host, VmDynamic
 
 NAME_RE = re.compile(r"^[\w.-]{1,255}$")
@@ -41,14 +41,8 @@ def valid_address(address: str) -> bool:
 
 def get_host(command: Command[Any], tx: Session, host_id: str, *,
              for_update: bool = True) -> Host:
-    """The host, locked for this transaction (commands change what they read)."""
-    stmt = select(Host).where(Host.id == host_id)
-    if for_update:
-        stmt = stmt.with_for_update()
-    host = tx.scalars(stmt).first()
-    if host is None:
-        raise command.fail(errors.HOST_NOT_FOUND)
-    return host
+    """The host, locked for this transaction."""
+    return locked(command, tx, Host, host_id, errors.HOST_NOT_FOUND, for_update=for_update)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from virtyard.engine import audit
 from virtyard.engine.commands import errors
-from virtyard.engine.commands.base import Command, Context, record_event
+from virtyard.engine.commands.base import Command, Context, locked, record_event
 from virtyard.engine.commands.hosts import check_name
 from virtyard.engine.db.models import (
     DEFAULT_CLUSTER_ID,
@@ -68,14 +68,8 @@ def resolve_cluster(command: Command[Any], tx: Session, cluster: Ref) -> str:
 
 
 def get_vm(command: Command[Any], tx: Session, vm_id: str, *, for_update: bool = True) -> Vm:
-    """The VM, locked for this transaction (commands change what they read)."""
-    stmt = select(Vm).where(Vm.id == vm_id)
-    if for_update:
-        stmt = stmt.with_for_update()
-    vm = tx.scalars(stmt).first()
-    if vm is None:
-        raise command.fail(errors.VM_NOT_FOUND)
-    return vm
+    """The VM, locked for this transaction."""
+    return locked(command, tx, Vm, vm_id, errors.VM_NOT_FOUND, for_update=for_update)
 
 
 @dataclass
