@@ -28,7 +28,7 @@ demo: venv
 	@echo "  $(BIN)/virtyard-hostctl Host.getDeviceList"
 	@echo "  $(BIN)/virtyard-hostctl Host.getVMFullList"
 	@echo "  $(BIN)/virtyard-hostctl VM.getStats vmID=\$$VIRTYARD_DEMO_VM"
-	@echo "  (loading the demo ISO into the demo VM's CD-ROM: see README, \"The demo\")"
+	@echo "  (the demo VM \"demo\" is the engine's, below; the demo ISO in a CD-ROM: see README, \"The demo\")"
 	@echo
 	@. ./demo.env; \
 	  echo "The engine (oVirt v4 REST API, docs/engine.md): $$VIRTYARD_ENGINE_URL"; \
@@ -40,7 +40,7 @@ demo: venv
 	@echo "      \"\$${VIRTYARD_ENGINE_URL%/api}/sso/oauth/token\" | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"access_token\"])')"
 	@echo "    curl -s --cacert \"\$$VIRTYARD_ENGINE_CA\" -H \"Authorization: Bearer \$$TOKEN\" -H 'Accept: application/json' \"\$$VIRTYARD_ENGINE_URL/hosts\""
 	@echo "  SDK (ovirtsdk4):"
-	@echo "    $(BIN)/python -c 'import os, ovirtsdk4 as sdk; e = os.environ; c = sdk.Connection(url=e[\"VIRTYARD_ENGINE_URL\"], username=e[\"VIRTYARD_ENGINE_USER\"], password=e[\"VIRTYARD_ENGINE_PASSWORD\"], ca_file=e[\"VIRTYARD_ENGINE_CA\"]); print([(h.name, str(h.status)) for h in c.system_service().hosts_service().list()])'"
+	@echo "    $(BIN)/python -c 'import os, ovirtsdk4 as sdk; e = os.environ; c = sdk.Connection(url=e[\"VIRTYARD_ENGINE_URL\"], username=e[\"VIRTYARD_ENGINE_USER\"], password=e[\"VIRTYARD_ENGINE_PASSWORD\"], ca_file=e[\"VIRTYARD_ENGINE_CA\"]); print([(h.name, str(h.status)) for h in c.system_service().hosts_service().list()]); print([(v.name, str(v.status)) for v in c.system_service().vms_service().list()])'"
 	@echo "stop everything with: make demo-down"
 
 demo-down:

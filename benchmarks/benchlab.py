@@ -1,5 +1,5 @@
-"""A throwaway one-host lab for benchmarks: its own ports and state directory, always torn
-down. Shared by the benchmark scripts in this folder."""
+"""A throwaway lab for benchmarks (one host unless asked): its own ports and state directory,
+always torn down. Shared by the benchmark scripts in this folder."""
 
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ from virtyard.lab.lab import Lab, LabConfig
 
 
 @contextmanager
-def bench_lab(port_base: int) -> Iterator[Lab]:
-    """A one-host lab on ports from ``port_base``, state in /tmp; down at the end, always."""
+def bench_lab(port_base: int, hosts: int = 1) -> Iterator[Lab]:
+    """A lab of ``hosts`` hosts (one by default) on ports from ``port_base``, state in /tmp;
+    down at the end, always."""
     state = Path(tempfile.mkdtemp(prefix="vy-bench-", dir="/tmp"))
     config = LabConfig.test(state).with_port_base(port_base)
-    lab = Lab(LabConfig(**{**config.__dict__, "host_count": 1}))
+    lab = Lab(LabConfig(**{**config.__dict__, "host_count": hosts}))
     try:
         lab.up()
         yield lab

@@ -126,7 +126,10 @@ def test_demo_engine_answers_the_sdk_and_down_leaves_nothing(demo_state: Path,
         assert sorted((h.name, h.id) for h in hosts_service.list()) == sorted(
             (h.name, h.id) for h in hosts)
         [same] = system.vms_service().list(search="name=demo")
-        assert (same.id, same.status, same.start_time) == (vm.id, vm.status, vm.start_time)
+        assert (same.id, same.status, same.host.id) == (vm.id, vm.status, vm.host.id)
+        starts = [e for e in system.events_service().list()
+                  if e.code == 153 and e.vm is not None and e.vm.id == vm.id]
+        assert len(starts) == 1  # started once, not again
         assert [(a.id, a.active) for a in attachments.list()] == [(attachment.id, True)]
     finally:
         connection.close()

@@ -156,13 +156,14 @@ def demo_vm(lab: Lab, target: TargetInfo, hosts: list[str], *,
             _request(api, "POST", f"/vms/{vm_id}/start", "start the demo VM", json={})
         vm_id = str(vm["id"])
         deadline = time.monotonic() + timeout
-        while vm["status"] != "up":
-            if vm["status"] not in ON_THE_WAY or time.monotonic() > deadline:
-                raise LabError(f"the demo VM is {vm['status']}, not up "
-                               f"{vm.get('status_detail') or ''}".strip())
-            time.sleep(0.5)
+        while True:
             vm = _request(api, "GET", f"/vms/{vm_id}", "show the demo VM")
-        return vm_id
+            if vm["status"] == "up":
+                return vm_id
+            if vm["status"] not in ON_THE_WAY or time.monotonic() > deadline:
+                raise LabError(f"the demo VM is {vm['status']}, not up: "
+                               f"{vm.get('status_detail') or ''}".rstrip(": "))
+            time.sleep(0.5)
 
 
 def set_up(lab: Lab) -> dict[str, str]:

@@ -106,9 +106,9 @@ def update_disk_attachment(req: ApiRequest) -> Model:
             plugged = queries.get_attachment(tx, vm_id, disk_id).get("active")
         if plugged:
             run(UnplugDisk(vm_id, disk_id), req.ctx())
-    run(UpdateAttachment(vm_id, disk_id, interface=body.get("interface"),
-                         bootable=body.get("bootable"), read_only=body.get("read_only"),
-                         pass_discard=body.get("pass_discard")), req.ctx())
+    changes = {k: body.get(k) for k in ("interface", "bootable", "read_only", "pass_discard")}
+    if any(v is not None for v in changes.values()):
+        run(UpdateAttachment(vm_id, disk_id, **changes), req.ctx())
     if active is True:
         with req.services.db.read() as tx:
             plugged = queries.get_attachment(tx, vm_id, disk_id).get("active")
