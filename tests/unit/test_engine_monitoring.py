@@ -208,3 +208,19 @@ def test_a_report_older_than_the_engines_change_is_ignored(world: SimpleNamespac
     with world.db.read() as tx:
         assert tx.get(VmDynamic, world.vms[0]).status == "down"  # type: ignore[union-attr]
     assert result.went_down == [] and result.changed_vms == 0
+
+
+def test_a_skipped_report_is_read_again(world: SimpleNamespace) -> None:
+    """A device report skipped because the VM was in a flow must not be taken as read."""
+    monitor = Monitor(world.services, push=False)
+    poll(world, monitor)
+    vm = world.agent.vms[world.vms[0]]
+    vm["hash"], vm["disks"] = "run-9", {world.disks[0]: "/dev/sdq"}
+    with world.db.transaction() as tx:
+        tx.add(Flow(kind="plug_disk", vm_id=world.vms[0]))
+    poll(world, monitor)
+    assert names(world.db)[world.disks[0]] == "/dev/sdb"  # the flow's VM is left alone
+    with world.db.transaction() as tx:
+        tx.query(Flow).delete()
+    poll(world, monitor)
+    assert names(world.db)[world.disks[0]] == "/dev/sdq"

@@ -169,8 +169,12 @@ class Monitor:
                         dropped)
         result = await anyio.to_thread.run_sync(self._apply, host.host_id, reports, devices,
                                                 complete, asked_at)
+        applied = set(result.devices_applied)
         for report in devices:
-            self._hashes[report.vm_id] = report.hash
+            if report.vm_id in applied:
+                self._hashes[report.vm_id] = report.hash
+            else:  # skipped (in a flow, or older than the engine's change): read it again
+                self._hashes.pop(report.vm_id, None)
         for vm_id, _name in result.went_down:
             self._hashes.pop(vm_id, None)
         new_external = set(result.external) - self._external

@@ -68,6 +68,8 @@ class SyncResult:
     changed_devices: int = 0
     external: list[str] = field(default_factory=list)
     dropped: int = 0
+    # VMs whose device report was written (others were busy or stale: read them again).
+    devices_applied: list[str] = field(default_factory=list)
 
 
 def parse_stats(raw: Any) -> tuple[list[VmReport], int]:
@@ -172,6 +174,7 @@ def apply(tx: Session, host_id: str, stats: list[VmReport], devices: list[Device
             continue
         result.changed_devices += _apply_devices(tx, listed)
         known[listed.vm_id][0].devices_hash = listed.hash
+        result.devices_applied.append(listed.vm_id)
     return result
 
 
