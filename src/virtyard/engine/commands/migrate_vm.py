@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass
 from typing import ClassVar
 
-import anyio.from_thread
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -20,7 +19,7 @@ from virtyard.engine import audit
 from virtyard.engine.commands import errors
 from virtyard.engine.commands.base import Context, record_event
 from virtyard.engine.commands.flow import FlowCommand
-from virtyard.engine.commands.run_vm import ACTIVE, Candidate, prove, release_hosts
+from virtyard.engine.commands.run_vm import ACTIVE, Candidate, prove_sync, release_hosts
 from virtyard.engine.commands.vms import get_vm
 from virtyard.engine.db.models import Flow, Host, VmDynamic, VmPlacementHost, utcnow
 from virtyard.engine.hosts import connections as conns
@@ -108,11 +107,7 @@ class MigrateVm(FlowCommand[str]):
         assert self.source is not None and self.target is not None
         target = self.target
 
-        async def check() -> str:
-            proof = await prove(ctx, target, list(self.wwids))
-            return "" if proof.ok else proof.why
-
-        why = anyio.from_thread.run(check)
+        why = prove_sync(ctx, target, list(self.wwids))
         if why:
             raise self.fail(errors.MIGRATION_DEST_NOT_PROVEN, host=target.name, why=why)
         self.step(ctx, flow, "proven")

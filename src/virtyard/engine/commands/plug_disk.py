@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import anyio.from_thread
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -20,7 +19,7 @@ from virtyard.engine.commands import errors
 from virtyard.engine.commands.base import Context, record_event
 from virtyard.engine.commands.errors import CommandError
 from virtyard.engine.commands.flow import FlowCommand
-from virtyard.engine.commands.run_vm import Candidate, prove, release_hosts
+from virtyard.engine.commands.run_vm import Candidate, prove_sync, release_hosts
 from virtyard.engine.commands.vms import get_vm
 from virtyard.engine.db.models import (
     BaseDisk,
@@ -109,10 +108,7 @@ class PlugDisk(FlowCommand[dict[str, Any]]):
         drive = disks[0].drive(place)
         host = self.host
         if self.plug:
-            async def check() -> str:
-                proof = await prove(ctx, host, [self.wwid])
-                return "" if proof.ok else proof.why
-            why = anyio.from_thread.run(check)
+            why = prove_sync(ctx, host, [self.wwid])
             if why:
                 raise self.fail(errors.LUN_NOT_VISIBLE_ON_HOST, host=host.name, why=why)
             self.step(ctx, flow, "proven")

@@ -111,6 +111,14 @@ async def prove(ctx: Context, candidate: Candidate, wwids: list[str]) -> Proof:
     return Proof(candidate, True)
 
 
+def prove_sync(ctx: Context, candidate: Candidate, wwids: list[str]) -> str:
+    """:func:`prove` from a flow's worker thread: '' when proven, else why not."""
+    async def go() -> Proof:
+        return await prove(ctx, candidate, wwids)
+    proof = anyio.from_thread.run(go)
+    return "" if proof.ok else proof.why
+
+
 async def proven_in_order(ctx: Context, hosts: list[Candidate], wwids: list[str]
                           ) -> Any:
     """Yield proven hosts: the preferred one first if it proves, then others as they do."""
