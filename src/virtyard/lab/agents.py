@@ -6,12 +6,11 @@ The lab plays the engine's part in enrolment: its CA signs each agent's certific
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from virtyard.common.pki import CertPair, create_ca, issue
 from virtyard.lab import ports
-from virtyard.lab.process import read_pid, start_daemon, terminate, wait_until
+from virtyard.lab.daemon import PortDaemon
 
 
 class LabPki:
@@ -37,7 +36,7 @@ class LabPki:
                      addresses=(ports.LOOPBACK, "localhost"), server=True, client=True)
 
 
-class AgentProcess:
+class AgentProcess(PortDaemon):
     """One ``virtyard-hostd`` for one lab host."""
 
     def __init__(self, name: str, root: Path, port: int, libvirt_uri: str, pki: LabPki, *,
@@ -65,20 +64,6 @@ class AgentProcess:
     def config_path(self) -> Path:
         return self.root / "hostd.toml"
 
-    @property
-    def pidfile(self) -> Path:
-        return self.root / "hostd.pid"
-
-    @property
-    def log_path(self) -> Path:
-        return self.root / "hostd.log"
-
-    def pid(self) -> int | None:
-        return read_pid(self.pidfile)
-
-    def is_running(self) -> bool:
-        return self.pid() is not None
-
     def write_config(self) -> None:
         """The agent's TOML configuration (with :attr:`extra_config` appended)."""
         extra = self.extra_config
@@ -98,25 +83,15 @@ class AgentProcess:
             f'migration_uri = "{self.migration_uri}"\n'
             f'virt_type = "{self.virt_type}"\n' + extra)
 
-    def start(self, timeout: float = 30.0) -> None:
-        """Start the agent (no-op when it runs) and wait until it accepts TLS connections."""
-        if self.is_running():
-            return
-        ports.ensure_free(self.port, f"host agent of {self.name}")
-        self.write_config()
-        start_daemon(
-            [sys.executable, "-m", "virtyard.host.server", "--config", str(self.config_path)],
-            pidfile=self.pidfile, log=self.log_path, timeout=timeout,
-            ready=lambda: ports.port_is_listening(self.port),
-            what=f"host agent {self.name} on port {self.port}")
+    pid_name = "hostd.pid"
+    log_name = "hostd.log"
 
-    def stop(self) -> None:
-        pid = self.pid()
-        if pid is not None:
-            terminate(pid, grace=10)
-        self.pidfile.unlink(missing_ok=True)
-        # The kernel closes a killed server's sockets a moment after the process is gone.
-        wait_until(lambda: ports.port_is_free(self.port), timeout=10)
+    def module_args(self) -> list[str]:
+        return ["-m", "virtyard.host.server", "--config", str(self.config_path)]
+
+    @property
+    def what(self) -> str:
+        return f"host agent {self.name} on port {self.port}"
 
     def status(self) -> dict[str, object]:
         return {"name": self.name, "address": self.address, "pid": self.pid(),

@@ -14,7 +14,6 @@ import os
 import secrets
 import signal
 import ssl
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,8 +22,9 @@ import httpx
 from virtyard.common.pki import CertPair, issue
 from virtyard.lab import ports
 from virtyard.lab.agents import LabPki
+from virtyard.lab.daemon import PortDaemon
 from virtyard.lab.errors import LabError
-from virtyard.lab.process import pid_alive, read_pid, start_daemon, terminate, wait_until
+from virtyard.lab.process import pid_alive, wait_until
 
 ADMIN = "admin@internal"
 API_PATH = "/ovirt-engine/api"
@@ -32,7 +32,7 @@ SSO_TOKEN_PATH = "/ovirt-engine/sso/oauth/token"
 SSO_LOGOUT_PATH = "/ovirt-engine/services/sso-logout"
 
 
-class EngineProcess:
+class EngineProcess(PortDaemon):
     """One ``virtyard-engine run`` with its own state folder, port and database."""
 
     def __init__(self, root: Path, port: int, pki: LabPki, *, database_url: str = "",
@@ -59,14 +59,6 @@ class EngineProcess:
     @property
     def config_path(self) -> Path:
         return self.root / "engine.toml"
-
-    @property
-    def pidfile(self) -> Path:
-        return self.root / "engine.pid"
-
-    @property
-    def log_path(self) -> Path:
-        return self.root / "engine.log"
 
     @property
     def password_file(self) -> Path:
@@ -105,31 +97,19 @@ class EngineProcess:
             "[auth]\n"
             f'admin_password_file = "{self.password_file}"\n' + self.extra_config)
 
-    def pid(self) -> int | None:
-        return read_pid(self.pidfile)
+    pid_name = "engine.pid"
+    log_name = "engine.log"
 
-    def is_running(self) -> bool:
-        return self.pid() is not None
+    def module_args(self) -> list[str]:
+        return ["-m", "virtyard.engine.server", "run", "--config", str(self.config_path)]
+
+    @property
+    def what(self) -> str:
+        return f"engine on port {self.port}"
 
     def start(self, timeout: float = 60.0) -> None:
         """Start the engine (no-op when it runs); return once its API port listens."""
-        if self.is_running():
-            return
-        ports.ensure_free(self.port, "engine REST API")
-        self.write_config()
-        start_daemon(
-            [sys.executable, "-m", "virtyard.engine.server", "run", "--config",
-             str(self.config_path)],
-            pidfile=self.pidfile, log=self.log_path, timeout=timeout,
-            ready=lambda: ports.port_is_listening(self.port),
-            what=f"engine on port {self.port}")
-
-    def stop(self) -> None:
-        pid = self.pid()
-        if pid is not None:
-            terminate(pid, grace=10)
-        self.pidfile.unlink(missing_ok=True)
-        wait_until(lambda: ports.port_is_free(self.port), timeout=10)
+        super().start(timeout)
 
     def kill(self) -> None:
         """SIGKILL, as a crash would (no clean shutdown of anything)."""
