@@ -44,7 +44,7 @@ from virtyard.lab.postgres import PostgresServer
 
 PORT_OFFSET = int(os.environ.get("VIRTYARD_TEST_PORT_OFFSET", "0"))
 # Ports of the tests' engines and their PostgreSQL: clear of the test lab's (iSCSI 23260,
-# libvirtd 26610+, agents 25430+, its own engine 25470, migration 49400+), the demo lab's
+# libvirtd 26610+, agents 25430+, its own engine 25470, migration 27400+), the demo lab's
 # (13260, 15430+, 15470, 16610+) and the PostgreSQL unit test's (15432).
 PG_PORT = 15532 + PORT_OFFSET
 ENGINE_PORTS = {"sqlite": 15540 + PORT_OFFSET, "postgresql": 15541 + PORT_OFFSET}

@@ -23,7 +23,7 @@ from virtyard.lab.lab import Lab, leftovers
 pytestmark = pytest.mark.lab
 
 LAB_CLI = [sys.executable, "-m", "virtyard.lab.cli"]
-PORT_BASE = 42000 + int(os.environ.get("VIRTYARD_TEST_PORT_OFFSET", "0"))  # its own lab
+PORT_BASE = 22000 + int(os.environ.get("VIRTYARD_TEST_PORT_OFFSET", "0"))  # its own lab
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -24,7 +24,7 @@ from virtyard.lab.process import run
 pytestmark = pytest.mark.lab
 
 LAB_CLI = [sys.executable, "-m", "virtyard.lab.cli"]
-PORT_BASE = 41000 + int(os.environ.get("VIRTYARD_TEST_PORT_OFFSET", "0"))  # a third lab
+PORT_BASE = 21000 + int(os.environ.get("VIRTYARD_TEST_PORT_OFFSET", "0"))  # a third lab
 
 
 @pytest.fixture

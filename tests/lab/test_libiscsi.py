@@ -1,6 +1,6 @@
 """Our libiscsi binding against a real tgtd: discovery, login errors, pages, capacity, reads, WWIDs.
 
-The module starts its own tgtd on 127.0.0.1:34263 (control port 3463) with a few targets; it
+The module starts its own tgtd on 127.0.0.1:24263 (control port 3463) with a few targets; it
 needs the ``tgt`` and ``libiscsi7`` packages.
 """
 
@@ -37,11 +37,11 @@ from virtyard.lab.iscsi_target import TargetInfo, TargetServer
 pytestmark = pytest.mark.lab
 
 PORT_OFFSET = int(os.environ.get("VIRTYARD_TEST_PORT_OFFSET", "0"))
-PORT = 34263 + PORT_OFFSET
+PORT = 24263 + PORT_OFFSET
 CONTROL_PORT = 3463 + PORT_OFFSET
-CLOSED_PORT = 34264 + PORT_OFFSET
-SILENT_PORT = 34265 + PORT_OFFSET
-FULL_BACKLOG_PORT = 34266 + PORT_OFFSET
+CLOSED_PORT = 24264 + PORT_OFFSET
+SILENT_PORT = 24265 + PORT_OFFSET
+FULL_BACKLOG_PORT = 24266 + PORT_OFFSET
 MiB = 1 << 20
 CHAP_USER = "vyuser"
 CHAP_PASSWORD = "vy-Secret-4711"

@@ -10,9 +10,9 @@ import pytest
 
 from virtyard.lab import ports
 from virtyard.lab.cli import format_status, write_env_file
-from virtyard.lab.errors import CommandError, MissingPackageError, PortBusyError
+from virtyard.lab.errors import CommandError, LabError, MissingPackageError, PortBusyError
 from virtyard.lab.iscsi_target import Chap, TargetInfo
-from virtyard.lab.lab import LabConfig, check_prerequisites, leftovers
+from virtyard.lab.lab import EPHEMERAL_START, LabConfig, check_prerequisites, leftovers
 from virtyard.lab.process import mask, require, run
 
 
@@ -93,11 +93,21 @@ def test_engine_port_moves_with_the_others(tmp_path: Path) -> None:
     demo, test = LabConfig.demo(tmp_path), LabConfig.test(tmp_path)
     assert (demo.engine_port, test.engine_port) == (15470, 25470)
     assert test.shifted(7).engine_port == 25477
-    based = test.with_port_base(41000)
-    assert based.engine_port == 41090
+    based = test.with_port_base(21000)
+    assert based.engine_port == 21090
     ports_of = [p for p, _ in based.all_ports()]
     assert len(ports_of) == len(set(ports_of)) and based.engine_port in ports_of
     assert (based.engine_port, "engine REST API") in list(based.all_ports())
+
+
+def test_no_lab_port_lies_in_the_kernels_ephemeral_range(tmp_path: Path) -> None:
+    # CI once failed with port-busy: an outgoing connection's local port was the demo lab's.
+    for config in (LabConfig.demo(tmp_path), LabConfig.test(tmp_path),
+                   LabConfig.test(tmp_path).with_port_base(22000)):
+        highest = max([p for p, _ in config.all_ports()] + [config.migration_base_port + 19])
+        assert highest + 20 < EPHEMERAL_START, config
+    with pytest.raises(LabError, match="ephemeral"):
+        LabConfig.test(tmp_path).with_port_base(42000)
 
 
 def test_config_of_a_lab_from_before_the_engine(tmp_path: Path) -> None:

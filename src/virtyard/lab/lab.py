@@ -43,6 +43,9 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("VIRTYARD_CACHE", str(Path(base) / "virtyard")))
 
 
+EPHEMERAL_START = 32768  # Linux's default net.ipv4.ip_local_port_range starts here
+
+
 @dataclass(frozen=True)
 class LabConfig:
     """Where a lab keeps its state and which loopback ports it uses."""
@@ -61,20 +64,23 @@ class LabConfig:
     def demo(cls, state_dir: Path) -> LabConfig:
         """The lab ``make demo`` runs."""
         return cls(state_dir, iscsi_port=13260, tgt_control_port=1326,
-                   libvirt_base_port=16610, migration_base_port=49200, agent_base_port=15430,
+                   libvirt_base_port=16610, migration_base_port=17200, agent_base_port=15430,
                    engine_port=15470)
 
     @classmethod
     def test(cls, state_dir: Path) -> LabConfig:
         """The lab the test suite runs: its own directory and ports, so both can run at once."""
         return cls(state_dir, iscsi_port=23260, tgt_control_port=2326,
-                   libvirt_base_port=26610, migration_base_port=49400, agent_base_port=25430,
+                   libvirt_base_port=26610, migration_base_port=27400, agent_base_port=25430,
                    engine_port=25470)
 
     def with_port_base(self, base: int) -> LabConfig:
         """The same lab on ports from ``base`` on (iSCSI, libvirtd, agents, engine, migration)."""
-        if not 1024 <= base <= 60000:
-            raise LabError(f"port base {base} must be between 1024 and 60000")
+        # Below the kernel's ephemeral range (32768+ by default): a port there can be taken at any
+        # moment by the local end of some outgoing connection, and the lab fails with port-busy.
+        if not 1024 <= base <= EPHEMERAL_START - 200:
+            raise LabError(f"port base {base} must be between 1024 and {EPHEMERAL_START - 200}, "
+                           "below the kernel's ephemeral ports")
         return replace(self, iscsi_port=base, tgt_control_port=base % 10000,
                        libvirt_base_port=base + 10, migration_base_port=base + 100,
                        agent_base_port=base + 50, engine_port=base + 90)
