@@ -2,33 +2,10 @@
 
 from __future__ import annotations
 
+from virtyard.common.process import CommandError, MissingPackageError, ToolError
 
-class LabError(Exception):
-    """Base of every lab failure; ``code`` is stable and machine-readable."""
-
-    code = "lab-error"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"{self.code}: {self.message}"
-
-
-class MissingPackageError(LabError):
-    """A program the lab needs is not installed; names the Debian package and how to get it."""
-
-    code = "missing-package"
-
-    def __init__(self, program: str, package: str, *more: tuple[str, str]) -> None:
-        missing = [(program, package), *more]
-        names = ", ".join(f"'{prog}' (package {pkg})" for prog, pkg in missing)
-        packages = " ".join(dict.fromkeys(pkg for _, pkg in missing))
-        super().__init__(f"not found: {names}; install with: apt-get install -y {packages}")
-        self.program = program
-        self.package = package
-        self.missing = missing
+# The lab's failures are the tool runner's (one hierarchy, one stable ``code`` each).
+LabError = ToolError
 
 
 class PortBusyError(LabError):
@@ -42,19 +19,6 @@ class PortBusyError(LabError):
         self.purpose = purpose
 
 
-class CommandError(LabError):
-    """A system command failed; carries the command, its exit code and its error output."""
-
-    code = "command-failed"
-
-    def __init__(self, argv: list[str], returncode: int, stderr: str) -> None:
-        detail = stderr.strip().splitlines()[-1] if stderr.strip() else "no error output"
-        super().__init__(f"{' '.join(argv)} exited with {returncode}: {detail}")
-        self.argv = argv
-        self.returncode = returncode
-        self.stderr = stderr
-
-
 class GuestBuildError(LabError):
     """The tiny guest (kernel + initramfs) could not be built."""
 
@@ -65,3 +29,6 @@ class ServiceStartError(LabError):
     """A lab daemon (tgtd, libvirtd) did not come up in time."""
 
     code = "service-start-failed"
+
+
+__all__ = ["CommandError", "LabError", "MissingPackageError", "ToolError"]

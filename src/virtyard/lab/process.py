@@ -1,106 +1,23 @@
-"""Run system tools with typed failures and bounded time.
+"""The lab's processes: daemons started and stopped by pid file, waits with a deadline.
 
-A thin layer over :mod:`subprocess`: every lab wrapper (tgtadm, libvirtd, apt-get, …) calls
-:func:`run`, so a failing tool always surfaces as :class:`CommandError` naming the command.
+Tools are run through :mod:`virtyard.common.process` (re-exported here for the lab's modules).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from virtyard.lab.errors import CommandError, MissingPackageError, ServiceStartError
-
-# Program -> Debian package that provides it; used to name the package in errors.
-PACKAGE_OF: dict[str, str] = {
-    "tgtd": "tgt",
-    "tgtadm": "tgt",
-    "libvirtd": "libvirt-daemon",
-    "virsh": "libvirt-clients",
-    "qemu-system-x86_64": "qemu-system-x86",
-    "qemu-img": "qemu-utils",
-    "qemu-storage-daemon": "qemu-system-x86",
-    "iscsi-ls": "libiscsi-bin",
-    "lvm": "lvm2",
-    "pvcreate": "lvm2",
-    "genisoimage": "genisoimage",
-    "cpio": "cpio",
-    "udevadm": "udev",
-    "unshare": "util-linux",
-    "losetup": "util-linux",
-    "mount": "mount",
-    "useradd": "passwd",
-    "groupadd": "passwd",
-    "dpkg-deb": "dpkg",
-    "apt-get": "apt",
-}
+from virtyard.common.process import PACKAGE_OF, mask, require, run
+from virtyard.lab.errors import ServiceStartError
 
 # busybox-static installs /bin/busybox; the lab needs the static one for the guest.
 STATIC_BUSYBOX = Path("/bin/busybox")
-
-
-def require(program: str) -> str:
-    """Return the absolute path of ``program`` or raise :class:`MissingPackageError`."""
-    path = shutil.which(program)
-    if path is None:
-        raise MissingPackageError(program, PACKAGE_OF.get(program, program))
-    return path
-
-
-def run(
-    argv: list[str],
-    *,
-    timeout: float = 60.0,
-    check: bool = True,
-    input_text: str | None = None,
-    cwd: Path | None = None,
-    env: dict[str, str] | None = None,
-    secrets: tuple[str, ...] = (),
-) -> subprocess.CompletedProcess[str]:
-    """Run ``argv`` to completion and return its result; raise :class:`CommandError` on failure.
-
-    Every string in ``secrets`` (a CHAP password, say) is masked in the error raised.
-    """
-    exe = require(argv[0]) if "/" not in argv[0] else argv[0]
-    full = [exe, *argv[1:]]
-    try:
-        proc = subprocess.run(
-            full,
-            input=input_text,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=cwd,
-            env=env,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        # from None: the original exception carries the unmasked argv (passwords)
-        raise CommandError(mask(argv, secrets), -1, f"timed out after {timeout:g} s") from None
-    if check and proc.returncode != 0:
-        output = proc.stderr or proc.stdout
-        for secret in secrets:
-            output = output.replace(secret, "***") if secret else output
-        raise CommandError(mask(argv, secrets), proc.returncode, output)
-    return proc
-
-
-def mask(argv: list[str], secrets: tuple[str, ...]) -> list[str]:
-    """``argv`` with every secret replaced by ``***``, fit for logs and error messages."""
-    masked = []
-    for arg in argv:
-        text = arg
-        for secret in secrets:
-            if secret:
-                text = text.replace(secret, "***")
-        masked.append(text)
-    return masked
 
 
 def pid_alive(pid: int) -> bool:
@@ -170,3 +87,6 @@ def start_daemon(argv: list[str], *, pidfile: Path, log: Path, ready: Callable[[
         tail = log.read_text(errors="replace").strip().splitlines()[-3:]
         raise ServiceStartError(f"{what} did not start: {' | '.join(tail) or 'no output'}")
     return proc.pid
+
+
+__all__ = ["PACKAGE_OF", "mask", "require", "run"]

@@ -27,11 +27,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from virtyard.common.process import CommandError, MissingPackageError, mask
+from virtyard.common.process import run as process_run
 from virtyard.host.storage.initiator import Chap, DiscoveredTarget, Portal
 from virtyard.host.storage.libiscsi import ErrorKind
-from virtyard.lab.errors import CommandError, MissingPackageError
-from virtyard.lab.process import mask
-from virtyard.lab.process import run as process_run
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +133,8 @@ _PACKAGES = {"iscsiadm": "open-iscsi", "multipathd": "multipath-tools", "dmsetup
 
 def system_runner(argv: Sequence[str], *, timeout: float,
                   secrets: tuple[str, ...] = ()) -> CommandResult:
-    """The real :class:`Runner`: :func:`virtyard.lab.process.run` without raising on exit status."""
+    """The real :class:`Runner`: :func:`virtyard.common.process.run`, not raising on exit
+    status."""
     try:
         proc = process_run(list(argv), timeout=timeout, check=False, secrets=secrets)
     except MissingPackageError as e:
