@@ -544,3 +544,35 @@ def test_real_iscsiadm_iface_list() -> None:
     interfaces parse."""
     names = [i.name for i in Iscsiadm().iface_list(timeout=20)]
     assert "default" in names and "iser" in names
+
+
+# --- recorded for real in the lab's storage host VM (two portals to one tgt target) ----------
+
+VM = json.loads((Path(__file__).resolve().parent.parent / "data" / "kernel"
+                 / "storage_host_vm.json").read_text())
+VM_IQN = "iqn.2026-11.org.virtyard.lab:rec"
+
+
+def test_vm_session_list_and_none() -> None:
+    sessions = ia.parse_session_list(VM["session_list"]["stdout"])
+    assert [(s.portal, s.tpgt, s.iqn, s.flash) for s in sessions] == [
+        (Portal("10.0.2.100", 3260), 1, VM_IQN, False),
+        (Portal("10.0.2.101", 3260), 1, VM_IQN, False)]
+    assert VM["session_list_none"]["rc"] == ExitCode.ISCSI_ERR_NO_OBJS_FOUND
+
+
+def test_vm_session_details() -> None:
+    details = ia.parse_session_details(VM["session_p3"]["stdout"])
+    assert [(d.current_portal, d.iqn) for d in details] == [
+        (Portal("10.0.2.100", 3260), VM_IQN), (Portal("10.0.2.101", 3260), VM_IQN)]
+    assert [d.sid for d in details] == [s.sid for s in ia.parse_session_list(
+        VM["session_list"]["stdout"])]
+    assert {d.session_state for d in details} == {"LOGGED_IN"}
+    assert {d.initiator_name for d in details} == {"iqn.2026-11.org.virtyard.lab:storage-host"}
+
+
+def test_vm_discovery_names_the_portal_tgtd_saw() -> None:
+    """Behind QEMU's NAT tgtd advertises the address it was reached on (this machine's
+    loopback), not the portal the initiator used."""
+    [found] = ia.parse_discovery(VM["discovery"]["stdout"])
+    assert (found.portal.host, found.tpgt, found.iqn) == ("127.0.0.1", 1, VM_IQN)

@@ -520,6 +520,26 @@ def test_logout_of_a_session(host: Host) -> None:
     host.script.done()
 
 
+def test_logout_flushes_a_map_it_left_without_paths(host: Host) -> None:
+    """Seen in the storage host VM: after a path failed and came back, multipathd kept an
+    empty map when the last session went. The logout removes such a map itself — only the
+    maps its session served that now have no path at all (dm-2 still has sde)."""
+    session1, _ = split(SPEC, re.compile(r"session1$|connection1:0$"))
+    slaves = host.root / "sys/devices/virtual/block"
+
+    def gone() -> None:
+        for link in session1["links"]:
+            (host.root / link).unlink()
+        for rel in ("dm-1/slaves/sdb", "dm-1/slaves/sdd", "dm-2/slaves/sdc"):
+            (slaves / rel).unlink()
+    portal = "192.0.2.10:3260,1"
+    host.script.expect(node(portal, "-u"), then=gone)
+    host.script.expect(node(portal, "--op=delete"))
+    host.script.expect(["multipath", "-f", W1])
+    host.initiator.logout(C1, timeout=10)
+    host.script.done()
+
+
 def test_logout_without_session_recorded_here(
         fresh: tuple[Host, dict[str, Any], dict[str, Any]]) -> None:
     host, _, _ = fresh

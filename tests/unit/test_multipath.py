@@ -362,3 +362,36 @@ def test_sysfs_empty_root(tmp_path: Path) -> None:
     assert empty.multipath_maps() == []
     assert empty.iscsi_sessions() == []
     assert empty.disk("sda") is None
+
+
+# --- recorded for real in the lab's storage host VM (tests/lab/test_kernel_path.py's setup) -----
+
+VM = json.loads((DATA / "storage_host_vm.json").read_text())
+VM_W1 = "360000000000000000e00000000060001"
+VM_W2 = "360000000000000000e00000000060002"
+
+
+def test_vm_dmsetup_status_two_portals_then_one_failed() -> None:
+    both = mp.path_states(mp.parse_dmsetup_status(VM["dmsetup_status_two_paths"]["stdout"]))
+    assert both == {"8:0": "active", "8:32": "active", "8:16": "active", "8:48": "active"}
+    failed = mp.path_states(mp.parse_dmsetup_status(VM["dmsetup_status_one_failed"]["stdout"]))
+    assert failed == {"8:0": "active", "8:32": "failed", "8:16": "active", "8:48": "failed"}
+    assert mp.parse_dmsetup_status(VM["dmsetup_status_after_logout"]["stdout"]) == {}
+
+
+def test_vm_multipathd_tables() -> None:
+    maps = mp.Multipathd(Runner(CommandResult(0, VM["multipathd_maps_two_paths"]["stdout"], "")))
+    found = maps.show_maps()
+    assert sorted((m.wwid, m.paths) for m in found) == [(VM_W1, 2), (VM_W2, 2)]
+    assert sorted(m.sysfs for m in found) == ["dm-0", "dm-1"]
+    paths = mp.Multipathd(Runner(CommandResult(
+        0, VM["multipathd_paths_one_failed"]["stdout"], ""))).show_paths()
+    # dm's state lags the checker's: sdd is still "active" in dm while its checker says faulty.
+    assert sorted((p.dev, p.wwid, p.dm_state, p.checker_state) for p in paths) == [
+        ("sda", VM_W1, "active", "ready"), ("sdb", VM_W2, "active", "ready"),
+        ("sdc", VM_W1, "failed", "faulty"), ("sdd", VM_W2, "active", "faulty")]
+
+
+def test_vm_scsi_id_gives_the_wwid_tgt_advertises() -> None:
+    values = mp.parse_scsi_id_export(VM["scsi_id"]["stdout"])
+    assert values["ID_SERIAL"] == VM_W1

@@ -442,7 +442,11 @@ class KernelInitiator(Initiator):
         iface = self._iface(connection)
         portal, iqn, tpgt = connection.portal, connection.iqn, connection.tpgt
         sessions = self._sessions(connection, iface)
+        served: set[str] = set()
         if sessions:
+            disks = {d.block for s in sessions for d in self.sysfs.session_scsi_devices(s.sid)
+                     if d.block}
+            served = {m.name for m in self.sysfs.multipath_maps() if set(m.slaves) & disks}
             self.iscsiadm.node_logout(portal, iqn, tpgt, iface=iface,
                                       timeout=self._left(deadline))
             # Without a node record iscsiadm cannot match the node; go by session id.
@@ -451,6 +455,32 @@ class KernelInitiator(Initiator):
         with _NODE_LOCK:
             self.iscsiadm.node_delete(portal, iqn, tpgt, iface=iface,
                                       timeout=self._left(deadline))
+        self._flush_pathless(served, deadline)
+
+    def _flush_pathless(self, names: set[str], deadline: float) -> None:
+        """Remove the maps of ``names`` that the logout left without any path.
+
+        multipathd removes a map when its last path goes, except when it does not: seen for
+        real after a path failed and came back (queue_if_no_path set, ``flush_on_last_del``
+        notwithstanding) — an empty map stays, a stale device every later scan trips over.
+        """
+        if not names:
+            return
+        for dm_map in self.sysfs.multipath_maps():
+            if dm_map.name not in names or dm_map.slaves:
+                continue
+            argv = ["multipath", "-f", dm_map.name]
+            try:
+                result = self.runner(argv, timeout=min(PROBE_TIMEOUT, max(self._left(deadline),
+                                                                           1.0)))
+            except (OSError, IscsiadmError) as e:  # no multipath tool, or it timed out
+                log.warning("cannot flush the empty map %s: %s", dm_map.name, e)
+                continue
+            if result.returncode != 0:
+                log.warning("flushing the empty map %s failed (%s): %s", dm_map.name,
+                            result.returncode, result.stderr.strip()[-300:])
+            else:
+                log.info("flushed multipath map %s left without paths", dm_map.name)
 
     # waiting for multipath --------------------------------------------------------------------
 
@@ -657,14 +687,15 @@ class KernelInitiator(Initiator):
         return named if named.exists() else self.dev_root / dm_map.dm
 
     def device_path(self, guid: str) -> str | None:
-        """``/dev/mapper/<guid>`` (or the map's friendly name for that WWID) if it exists."""
+        """``/dev/mapper/<guid>`` (or the map's friendly name for that WWID) if it exists,
+        else the map's kernel node ``/dev/dm-N`` (udev has not made the link yet)."""
         direct = self.dev_root / "mapper" / guid
         if direct.exists():
             return str(direct)
         for dm_map in self.sysfs.multipath_maps():
             if dm_map.wwid == guid:
-                named = self.dev_root / "mapper" / dm_map.name
                 with contextlib.suppress(OSError):
-                    if named.exists():
-                        return str(named)
+                    path = self._map_path(dm_map)
+                    if path.exists():
+                        return str(path)
         return None
