@@ -126,6 +126,33 @@ def test_names_are_read_once_then_only_when_the_hash_moves(world: SimpleNamespac
         assert device is not None and not device.is_plugged and device.logical_name == ""
 
 
+def test_a_quiet_report_takes_no_write_transaction(world: SimpleNamespace,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite runs write transactions one at a time: a report that changes nothing only reads,
+    or a hundred quiet hosts queue for the lock every cycle."""
+    monitor = Monitor(world.services, push=False)
+    poll(world, monitor)  # first contact: the names are written
+    writes: list[int] = []
+    real = world.db.transaction
+
+    def counted() -> Any:
+        writes.append(1)
+        return real()
+
+    monkeypatch.setattr(world.db, "transaction", counted)
+    poll(world, monitor, 3)
+    assert writes == []
+    world.agent.vms[world.vms[0]]["status"] = "Paused"
+    poll(world, monitor)
+    assert writes == [1]
+    with world.db.read() as tx:
+        dynamic = tx.get(VmDynamic, world.vms[0])
+        assert dynamic is not None and dynamic.status == "paused"
+    del world.agent.vms[world.vms[1]]  # gone from the host: down, a write
+    poll(world, monitor)
+    assert writes == [1, 1]
+
+
 def test_a_restarted_engine_does_not_reread_what_it_stored(world: SimpleNamespace) -> None:
     poll(world, Monitor(world.services, push=False))
     world.agent.calls.clear()

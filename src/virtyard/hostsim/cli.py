@@ -1,6 +1,6 @@
 """``virtyard-hostsim``: simulate many host agents in one process (see ``docs/hostsim.md``).
 
-    virtyard-hostsim --hosts 100 --vms-per-host 100 --base-port 54400 --pki ./pki \\
+    virtyard-hostsim --hosts 100 --vms-per-host 100 --base-port 28000 --pki ./pki \\
         --change-rate 0.01 --change-interval 1
 
 Each host listens on its own port (``--base-port`` + its index) with mutual TLS. ``--pki DIR``
@@ -117,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=None, help="random seed (repeatable runs)")
     net = parser.add_argument_group("where and how to listen")
     net.add_argument("--address", default="127.0.0.1", help="listen address (default 127.0.0.1)")
-    net.add_argument("--base-port", type=int, default=54400,
-                     help="the first host's port; host i listens on base+i (default 54400)")
+    net.add_argument("--base-port", type=int, default=28000,
+                     help="the first host's port; host i listens on base+i (default 28000)")
     net.add_argument("--pki", type=Path, default=None,
                      help="make or use a CA in this folder and issue the certificates")
     net.add_argument("--ca", type=Path, help="CA that signed the clients' certificates")

@@ -55,7 +55,7 @@ class SimOptions:
 
     hosts: int = 1
     vms_per_host: int = 10
-    base_port: int = 54400  # 0: any free port for each host (tests)
+    base_port: int = 28000  # 0: any free port for each host (tests)
     address: str = "127.0.0.1"
     luns_per_host: int = 16
     disks_per_vm: int = 1
