@@ -5,7 +5,7 @@ Run by hand on a lab machine::
     .venv/bin/python benchmarks/change_cd.py            # 20 rounds
     .venv/bin/python benchmarks/change_cd.py --rounds 50
 
-Its own one-host lab (ports from 43400, state in /tmp), a block storage domain with two small
+Its own one-host lab (ports from 23400, state in /tmp), a block storage domain with two small
 ISOs and a tiny guest with a SCSI CD-ROM. Measured, alternating round by round:
 
 * ``VM.changeCD`` switching between the two ISOs: metadata mark, prepare of the new volume,
@@ -34,7 +34,7 @@ from benchlab import bench_lab, vm_params
 
 from virtyard.lab import qga
 
-PORT_BASE = 43400
+PORT_BASE = 23400
 POOL = str(uuid.uuid4())
 
 

@@ -6,7 +6,7 @@ Run by hand on a lab machine::
     .venv/bin/python benchmarks/guest_names.py              # 20 plugs, 8 guests, 60 s window
     .venv/bin/python benchmarks/guest_names.py --rounds 5 --guests 4 --window 20
 
-Its own one-host lab (ports from 43200, state in /tmp), taken down at the end. Latency: after
+Its own one-host lab (ports from 23600, state in /tmp), taken down at the end. Latency: after
 each ``VM.hotplugDisk`` returns, ``Host.getVMFullList`` is polled every 10 ms until the disk's
 ``guestName`` is set (the path: the guest sees the disk, qemu-guest-agent is asked — at once,
 not on its period — the names are merged and written into the VM's metadata). CPU: the
@@ -27,7 +27,7 @@ from benchlab import bench_lab, vm_params
 
 from virtyard.lab import qga
 
-PORT_BASE = 43200
+PORT_BASE = 23600
 
 
 def cpu_seconds(pid: int) -> float:

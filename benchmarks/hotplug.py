@@ -5,7 +5,7 @@ Run by hand on a lab machine (the packages `make test` installs)::
     .venv/bin/python benchmarks/hotplug.py                 # 20 rounds, 8 guests for the stats
     .venv/bin/python benchmarks/hotplug.py --rounds 50 --guests 4
 
-It brings up its own one-host lab (ports from 43000, state in /tmp) and takes it down at the end,
+It brings up its own one-host lab (ports from 23800, state in /tmp) and takes it down at the end,
 also on error. Measured, alternating round by round so both see the same machine:
 
 * ``VM.hotplugDisk``: the agent's verb through the real mutual-TLS JSON-RPC client — parameter
@@ -30,7 +30,7 @@ from benchlab import bench_lab, vm_params
 from virtyard.host.virt.domain_xml import DiskDevice, DomainDisk, IscsiSource
 from virtyard.lab import qga
 
-PORT_BASE = 43000
+PORT_BASE = 23800
 
 
 def wait_gone(dom: libvirt.virDomain, dev: str) -> None:

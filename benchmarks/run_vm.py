@@ -6,7 +6,7 @@ Run by hand on a lab machine (the packages `make test` installs)::
     .venv/bin/python benchmarks/run_vm.py                  # 20 start and 20 plug rounds of each
     .venv/bin/python benchmarks/run_vm.py --rounds 40 --plug-rounds 40
 
-It brings up its own two-host lab with its engine (ports from 43800, state in /tmp), adds both
+It brings up its own two-host lab with its engine (ports from 24000, state in /tmp), adds both
 hosts to the engine through the REST API, and takes everything down at the end, also on
 error. Everything goes through the engine's REST API (JSON over HTTPS, one keep-alive client
 with a bearer token) or, for the agent's own numbers, the agent's mutual-TLS JSON-RPC client.
@@ -52,7 +52,7 @@ from virtyard.lab.guest_image import DEFAULT_CMDLINE
 from virtyard.lab.iscsi_target import TargetInfo
 from virtyard.lab.lab import Lab
 
-PORT_BASE = 43800
+PORT_BASE = 24000
 MiB = 1 << 20
 SETTLE = 3.0  # seconds after a plug/unplug: the guest-name probes run until 2.5 s after it
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,6 +16,7 @@ from typing import Any
 
 import libvirt
 import pytest
+from engine_helpers import guest_cd_sha, make_iso
 
 from virtyard.host.client import HostCallError, HostClient, HostUnreachableError
 from virtyard.host.virt.metadata import read_metadata
@@ -51,16 +50,6 @@ class IsoDomain:
     a: Iso
     b: Iso
     data: dict[str, str]  # a DATA volume (not an ISO)
-
-
-def make_iso(tmp: Path, text: str) -> bytes:
-    src = tmp / uuid.uuid4().hex
-    src.mkdir()
-    (src / "hello.txt").write_text(text)
-    out = tmp / f"{src.name}.iso"
-    subprocess.run(["genisoimage", "-quiet", "-o", str(out), "-V", "VYTEST", "-r", str(src)],
-                   check=True)
-    return out.read_bytes()
 
 
 def upload(client: HostClient, pdiv: dict[str, str], data: bytes, vtype: str = "ISO") -> None:
@@ -133,22 +122,7 @@ def domain(lab: Lab, vm_id: str) -> libvirt.virDomain:
 
 def guest_reads(lab: Lab, vm_id: str) -> str | None:
     """The sha256 of hello.txt on the guest's CD, or None when the drive has no medium."""
-    dom = domain(lab, vm_id)
-    deadline = time.monotonic() + 15
-    while True:
-        result = qga.run(dom, "umount /mnt/cd 2>/dev/null; mkdir -p /mnt/cd; "
-                              "echo 3 > /proc/sys/vm/drop_caches; "
-                              "mount -t iso9660 -o ro /dev/sr0 /mnt/cd && "
-                              "sha256sum /mnt/cd/hello.txt; r=$?; umount /mnt/cd; exit $r")
-        if result.exitcode == 0:
-            return result.stdout.decode().split()[0]
-        nomedium = qga.run(dom, "dd if=/dev/sr0 of=/dev/null bs=2048 count=1 2>&1")
-        if b"No medium" in nomedium.stdout or b"No such device or address" in nomedium.stdout:
-            return None
-        if time.monotonic() > deadline:  # the guest may still be settling the new medium
-            raise AssertionError(f"CD neither readable nor empty: {result.stderr!r} "
-                                 f"{nomedium.stdout!r}")
-        time.sleep(0.3)
+    return guest_cd_sha(domain(lab, vm_id))
 
 
 def change(client: HostClient, vm_id: str, pdiv: dict[str, str] | None) -> dict[str, Any]:

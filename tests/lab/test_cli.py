@@ -10,6 +10,7 @@ The CLI does not care which database the engine has: these tests run on SQLite o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -25,8 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from engine_helpers import domain_on, guest_cd_sha, make_iso
 from ovirtsdk4 import types
+from test_engine_cdrom import iso_disk
 
+from virtyard.lab import qga
 from virtyard.lab.guest_image import DEFAULT_CMDLINE
 from virtyard.lab.lab import Lab
 
@@ -425,3 +429,47 @@ def test_a_terminal_session_shows_progress_and_tables(
     artifact.write_text("".join(f"--- {what} (tmux capture-pane, 160x40)\n{screen.rstrip()}\n\n"
                                 for what, screen in captures.items()))
     cli("vm", "stop", name)
+
+
+def test_storage_domain_and_cd_through_the_cli(
+        cli: Cli, engine: Any, lab: Lab, tmp_path: Path, *,
+        add_lab_host: Callable[..., types.Host], wait_host: Callable[..., types.Host],
+        make_target: Any, engine_vms: list[str]) -> None:
+    host = wait_host(add_lab_host(0).id, types.HostStatus.UP)
+    target = make_target([64 * MiB])
+    cli.login()
+    name = f"cli-sd-{uuid.uuid4().hex[:6]}"
+    made = cli("sd", "create", name, "--lun", target.wwid(1), "--host", host.name,
+               "--address", target.address, "--port", str(target.port), "--target",
+               target.iqn, "--json").json()
+    assert (made["status"], made["wwid"], made["target"]) == ("active", target.wwid(1),
+                                                              target.iqn)
+    assert name in cli("sd", "list", "-o", "value", "-c", "name").out.split()
+    text = f"cli {uuid.uuid4().hex}\n"
+    iso_id = iso_disk(engine, lab, made["id"], made["data_center_id"], make_iso(tmp_path, text))
+
+    vm_name = f"cli-cd-{uuid.uuid4().hex[:6]}"
+    vm = cli("vm", "create", vm_name, "--memory", "256M", "--host", host.name, "--json").json()
+    engine_vms.append(vm["id"])
+    cli("vm", "start", vm_name)
+    inserted = cli("vm", "cd", vm_name, "insert", iso_id, "--json").json()
+    assert (inserted["iso"], inserted["current_iso"]) == (None, iso_id)
+    dom = domain_on(lab, 0, vm["id"])
+    assert dom is not None
+    qga.wait_ready(dom)
+    assert guest_cd_sha(dom) == hashlib.sha256(text.encode()).hexdigest()
+    assert cli("vm", "cd", vm_name, "-o", "value", "-c", "current_iso").out.strip() == iso_id
+    assert cli("vm", "cd", vm_name, "eject", "--json").json()["current_iso"] is None
+    assert guest_cd_sha(dom) is None
+    cli("vm", "cd", vm_name, "insert", expect=USAGE)
+
+    # The next run's CD keeps the domain in use: removing it is refused, with the reason.
+    assert cli("vm", "cd", vm_name, "insert", iso_id, "--next-run", "--json").json()["iso"] \
+        == iso_id
+    line = cli("sd", "remove", name, expect=REFUSED).error_line()
+    assert "ACTION_TYPE_FAILED_STORAGE_DOMAIN_USED_BY_VMS" in line and vm_name in line
+    cli("vm", "cd", vm_name, "eject", "--next-run")
+    cli("vm", "stop", vm_name)
+    assert cli("sd", "remove", name, "--format", "--host", host.name, "--json").json() == {
+        "id": made["id"], "name": name, "formatted": True}
+    assert name not in cli("sd", "list", "-o", "value", "-c", "name").out.split()

@@ -17,6 +17,7 @@ import ovirtsdk4
 import ovirtsdk4.types as otypes
 import pytest
 
+from virtyard.lab.demo import DEMO_README
 from virtyard.lab.guest_image import DEFAULT_CMDLINE
 from virtyard.lab.lab import Lab, leftovers
 
@@ -109,7 +110,7 @@ def test_demo_engine_answers_the_sdk_and_down_leaves_nothing(demo_state: Path,
             assert running["status"] == "Up"
             assert [(d["device"], d.get("GUID"), d.get("diskId")) for d in running["devices"]
                     if d.get("type") == "disk"] == [
-                ("disk", target.wwid(1), disk.id)]  # no CD-ROM: the engine has none yet
+                ("disk", target.wwid(1), disk.id), ("cdrom", None, None)]  # an empty drive
 
         # Inside the guest: the LUN under the serial the engine gave it.
         link = f"/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_{disk.id[:20]}"
@@ -118,6 +119,23 @@ def test_demo_engine_answers_the_sdk_and_down_leaves_nothing(demo_state: Path,
                       f"blockdev --getsize64 {link}")
         assert inside.returncode == 0, inside.stderr
         assert int(inside.stdout) == target.lun(1).size
+
+        # The ISO domain is the engine's, and so is the demo VM's CD-ROM.
+        [domain] = system.storage_domains_service().list(search="name=demo-isos")
+        assert domain.status == otypes.StorageDomainStatus.ACTIVE
+        assert domain.storage.volume_group.logical_units[0].id == target.wwid(3)
+        iso = system.disks_service().disk_service(env["VIRTYARD_DEMO_ISO"]).get()
+        assert (iso.alias, iso.status, iso.content_type) == (
+            "demo.iso", otypes.DiskStatus.OK, otypes.DiskContentType.ISO)
+        cd = system.vms_service().vm_service(vm.id).cdroms_service().cdrom_service(
+            "00000000-0000-0000-0000-000000000000")
+        cd.update(otypes.Cdrom(file=otypes.File(id=iso.id)), current=True)
+        read = _cli("--state-dir", state, "exec", "demo",
+                    "mkdir -p /mnt/cd; mount -t iso9660 -o ro /dev/sr0 /mnt/cd && "
+                    "cat /mnt/cd/README.txt; r=$?; umount /mnt/cd; exit $r")
+        assert read.returncode == 0 and read.stdout == DEMO_README, read
+        cd.update(otypes.Cdrom(file=otypes.File(id="")), current=True)
+        assert cd.get(current=True).file is None
 
         # The demo again (make demo on a running demo): hosts and VM left as they were.
         again = _cli("--state-dir", state, "demo", "--env-file", str(env_file))

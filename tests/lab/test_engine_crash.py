@@ -19,7 +19,6 @@ disturbs no other test.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
 import signal
 import socket
@@ -33,6 +32,7 @@ import libvirt
 import ovirtsdk4 as sdk4
 import pytest
 import sqlalchemy as sa
+from engine_helpers import own_engine
 from ovirtsdk4 import types
 
 from virtyard.lab import ports
@@ -49,7 +49,6 @@ PORT_OFFSET = int(os.environ.get("VIRTYARD_TEST_PORT_OFFSET", "0"))
 # This module's engines: clear of the session's (15540, 15541) and PostgreSQL's (15532).
 CRASH_PORTS = {"sqlite": 15545 + PORT_OFFSET, "postgresql": 15546 + PORT_OFFSET}
 RECOVERY_TIMEOUT = 60.0
-_databases = itertools.count(1)
 
 # die point → (where the VM starts, the action, what recovery must make of it: the lab host
 # the VM runs on — 0 or 1, None = down — and whether the disk is active afterwards).
@@ -75,31 +74,8 @@ CASES: dict[str, tuple[str, str, int | None, bool]] = {
 def engine(engine: Any, lab: Lab, request: pytest.FixtureRequest) -> Iterator[Any]:
     """An engine of the same database kind as the session's, but this module's own: its own
     port, state folder and fresh database, so it can be killed and restarted at will."""
-    kind: str = engine.kind
-    root = lab.state_dir / f"engine-crash-{kind}"
-    name = ""
-    pg = None
-    if kind == "sqlite":
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "engine.db").unlink(missing_ok=True)
-        url = f"sqlite:///{root / 'engine.db'}"
-    else:
-        pg = request.getfixturevalue("postgres")
-        name = f"engine_crash_{next(_databases)}_{uuid.uuid4().hex[:8]}"
-        url = pg.create_database(name)
-    process = EngineProcess(root, CRASH_PORTS[kind], lab.pki, database_url=url,
-                            heartbeat_interval=1.0)
-    own = dataclasses.replace(engine, process=process, database_url=url, secrets=set(),
-                              users={}, _admin_token="")
-    try:
-        process.start()
-        own.secrets.add(process.password)
+    with own_engine(engine, lab, request, "crash", CRASH_PORTS[engine.kind]) as own:
         yield own
-    finally:
-        process.extra_config = ""
-        process.stop()
-        if pg is not None and name:
-            pg.drop_database(name)
 
 
 def restart(engine: Any, die_at: str = "") -> None:

@@ -3,7 +3,6 @@ nothing behind (no process, mount, loop device or file)."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -168,13 +167,17 @@ def test_demo_set_up_is_idempotent(lab: Lab) -> None:
         with lab.agent_client(0) as client:
             [running] = client.call("Host.getVMFullList", {"vmList": [vm_id]})
             assert running["status"] == "Up"
-            [lun] = [d for d in running["devices"] if d.get("type") == "disk"]
+            [lun, cd] = [d for d in running["devices"] if d.get("type") == "disk"]
             assert (lun["device"], lun["GUID"], lun["diskId"]) == ("disk", target.wwid(1),
                                                                    disk["id"])
-            iso = json.loads(first["VIRTYARD_DEMO_ISO"])
-            volumes = client.call("Volume.list", {"domainID": iso["domainID"]})
-            assert [(v["volumeID"], v["state"]) for v in volumes] == [(iso["volumeID"],
-                                                                       "READY")]
+            assert cd["device"] == "cdrom" and "PDIV" not in cd  # an empty drive
+            volumes = client.call("Volume.list", {"domainID": first["VIRTYARD_DEMO_DOMAIN"]})
+        with lab.engine.api() as api:  # the ISO domain and its ISO are the engine's
+            domain = api.get(f"/storagedomains/{first['VIRTYARD_DEMO_DOMAIN']}").json()
+            iso = api.get(f"/disks/{first['VIRTYARD_DEMO_ISO']}").json()
+        assert (domain["name"], domain["status"]) == ("demo-isos", "active")
+        assert (iso["alias"], iso["status"], iso["content_type"]) == ("demo.iso", "ok", "iso")
+        assert [(v["imageID"], v["state"]) for v in volumes] == [(iso["image_id"], "READY")]
         with lab.agent_client(1) as client:
             assert client.call("Host.getDevicesVisibility",
                                {"guidList": [target.wwid(1)]}) == {target.wwid(1): True}
@@ -186,6 +189,16 @@ def test_demo_set_up_is_idempotent(lab: Lab) -> None:
                 api.delete(f"/vms/{vm['id']}").raise_for_status()
             for disk in api.get("/disks").json().get("disk", []):
                 api.delete(f"/disks/{disk['id']}").raise_for_status()
+            for sd in api.get("/storagedomains").json().get("storage_domain", []):
+                dc = (sd.get("data_center") or {}).get("id")
+                if dc and sd["status"] == "active":
+                    api.post(f"/datacenters/{dc}/storagedomains/{sd['id']}/deactivate",
+                             json={}).raise_for_status()
+                if dc:
+                    api.delete(f"/datacenters/{dc}/storagedomains/{sd['id']}")\
+                        .raise_for_status()
+                api.delete(f"/storagedomains/{sd['id']}", params={
+                    "format": "true", "host": "host1"}).raise_for_status()
             for host in api.get("/hosts").json()["host"]:
                 api.post(f"/hosts/{host['id']}/deactivate").raise_for_status()
                 api.delete(f"/hosts/{host['id']}").raise_for_status()

@@ -138,6 +138,12 @@ class FakeEngine:
         disk = {"id": DISK_ID, "alias": "data", "storage_type": "lun"}
         if path == "/hosts":
             return httpx.Response(200, json={"host": [{"id": "h1", "name": "one"}]})
+        if path == "/hosts/h1":
+            return httpx.Response(200, json={"id": "h1", "name": "one", "status": "up"})
+        if path == "/hosts/h1/fence" and request.method == "POST":
+            kind = json.loads(request.content)["fence_type"]
+            return httpx.Response(200, json={"status": "complete", "power_management": {
+                "status": "off"}} if kind == "status" else {"status": "complete"})
         if path == "/vms":
             wanted = search.removeprefix("name=").strip('"')
             found = wanted == "web" or not search or (wanted.endswith("*") and
@@ -307,3 +313,16 @@ def test_completion_offers_names_from_the_engine(fake: FakeEngine,
     for shell in ("bash", "zsh"):
         code, out, _ = cli(capsys, "completion", shell)
         assert code == OK and "_VIRTYARD_COMPLETE" in out
+
+
+def test_fence_asks_before_it_powers_off(fake: FakeEngine,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli(capsys, "hosts", "fence", "one", "stop")
+    assert code == USAGE and "needs --yes" in one_line(err)
+    assert not [r for r in fake.requests if r.url.path.endswith("/fence")]
+    code, out, _ = cli(capsys, "hosts", "fence", "one", "status", "--json")
+    assert code == OK and json.loads(out)["power"] == "off"
+    code, out, _ = cli(capsys, "hosts", "fence", "one", "manual", "--yes", "--json")
+    assert code == OK and json.loads(out)["action"] == "manual"
+    sent = [json.loads(r.content) for r in fake.requests if r.url.path.endswith("/fence")]
+    assert sent == [{"fence_type": "status"}, {"fence_type": "manual"}]

@@ -37,6 +37,7 @@ class Kind:
 VMS = Kind("vms", "vm", "VM")
 HOSTS = Kind("hosts", "host", "Host")
 DISKS = Kind("disks", "disk", "Disk", "alias")
+STORAGE_DOMAINS = Kind("storagedomains", "storage_domain", "Storage domain")
 
 
 @dataclass

@@ -143,8 +143,9 @@ class Engine:
         return self.request("POST", path, body={} if body is None else body,
                             params={k: v for k, v in params.items() if v is not None} or None)
 
-    def put(self, path: str, body: Any) -> Any:
-        return self.request("PUT", path, body=body)
+    def put(self, path: str, body: Any, **params: Any) -> Any:
+        return self.request("PUT", path, body=body,
+                            params={k: v for k, v in params.items() if v is not None} or None)
 
     def delete(self, path: str, **params: Any) -> Any:
         return self.request("DELETE", path, params={k: v for k, v in params.items()

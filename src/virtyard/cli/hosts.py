@@ -1,10 +1,9 @@
-"""``virtyard hosts``: list, show, add, remove, maintenance, activate.
-
-``fence`` is not here: the engine has no fence endpoint yet.
-"""
+"""``virtyard hosts``: list, show, add, remove, maintenance, activate, fence (power
+management, and the manual confirmation that a host is off)."""
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -13,7 +12,7 @@ import click
 from virtyard.cli.app import HOSTS, App, output_options, pass_app, seconds
 from virtyard.cli.client import items
 from virtyard.cli.completion import complete_hosts
-from virtyard.cli.errors import REFUSED, CliError
+from virtyard.cli.errors import REFUSED, USAGE, CliError
 from virtyard.cli.output import Column
 
 COLUMNS = [Column("name"), Column("status", kind="status"), Column("address"),
@@ -154,3 +153,29 @@ def activate(app: App, host: str) -> None:
     app.engine.post(f"/hosts/{found['id']}/activate")
     row = host_row(app.engine.get(f"/hosts/{found['id']}"))
     app.output.done(f"Host {found['name']} is {row['status']}", row, COLUMNS)
+
+
+@hosts.command("fence")
+@click.argument("host", shell_complete=complete_hosts)
+@click.argument("action", type=click.Choice(["status", "stop", "start", "restart", "manual"]))
+@click.option("--yes", is_flag=True,
+              help="Do not ask (stop, restart and manual need it when not on a terminal).")
+@output_options
+@pass_app
+def fence(app: App, host: str, action: str, yes: bool) -> None:
+    """Power management of HOST through its fence agents: status, stop, start, restart; or
+    'manual': confirm the host has been powered off by hand (its VMs go down and HA VMs
+    restart elsewhere — say it only when it is true)."""
+    found = app.find(HOSTS, host)
+    if action in ("stop", "restart", "manual") and not yes:
+        if not sys.stdin.isatty():
+            raise CliError("Not confirmed", f"'{action}' on host {found['name']} needs --yes",
+                           "NOT_CONFIRMED", exit_code=USAGE)
+        click.confirm(f"{action} host {found['name']}?", abort=True)
+    with app.progress(f"{action} of host {found['name']}"):
+        answer = app.engine.post(f"/hosts/{found['id']}/fence", {"fence_type": action})
+    power = (answer.get("power_management") or {}).get("status")
+    row = {"name": found["name"], "action": action, "power": power,
+           "status": app.engine.get(f"/hosts/{found['id']}").get("status")}
+    app.output.done(f"Host {found['name']}: {action} done"
+                    + (f", power {power}" if power else ""), row)

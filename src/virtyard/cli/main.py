@@ -24,8 +24,10 @@ from virtyard.cli.disks import disk
 from virtyard.cli.errors import EXIT_CODES, OK, REFUSED, USAGE, CliError
 from virtyard.cli.events import events
 from virtyard.cli.hosts import hosts
+from virtyard.cli.iso import iso
 from virtyard.cli.luns import luns
 from virtyard.cli.output import make_consoles
+from virtyard.cli.storage_domains import sd
 from virtyard.cli.vms import vm
 
 INTERRUPTED = 130
@@ -72,7 +74,7 @@ def cli(ctx: click.Context, *, engine_url: str | None, user: str | None, timeout
     ctx.call_on_close(app.close)
 
 
-for command in (login, logout, hosts, luns, disk, vm, events, completion):
+for command in (login, logout, hosts, luns, disk, sd, iso, vm, events, completion):
     cli.add_command(command)
 
 

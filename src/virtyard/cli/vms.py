@@ -1,6 +1,6 @@
 """``virtyard vm``: list, show, create, start, stop, shutdown, migrate, remove; a VM's disks
-(attach, detach, plug, unplug, disks with the guest's names for them); its CD-ROM (shown;
-inserting and ejecting come with the engine's CD-ROM endpoints)."""
+(attach, detach, plug, unplug, disks with the guest's names for them); its CD-ROM (show,
+insert, eject)."""
 
 from __future__ import annotations
 
@@ -369,21 +369,43 @@ def unplug(app: App, vm_name: str, disk_name: str) -> None:
 
 @vm.command("cd")
 @click.argument("vm_name", metavar="VM", shell_complete=complete_vms)
+@click.argument("action", required=False, type=click.Choice(["insert", "eject"]))
+@click.argument("iso_name", metavar="[ISO]", required=False, shell_complete=complete_disks)
+@click.option("--next-run", is_flag=True,
+              help="Change the CD the VM boots with next, not the one in the drive now.")
 @output_options
 @pass_app
-def cd(app: App, vm_name: str) -> None:
-    """Show the VM's CD-ROM: the ISO for the next run and the one in the drive now.
+def cd(app: App, vm_name: str, action: str | None, iso_name: str | None,
+       next_run: bool) -> None:
+    """The VM's CD-ROM: show it, 'insert ISO' (an ISO disk, by alias or id) or 'eject'.
 
-    Inserting and ejecting ISOs come with the engine's CD-ROM endpoints (a later issue).
+    On a running VM the drive changes at once (the old CD stays if the host refuses);
+    with --next-run (or on a VM that is down) the CD for the next start is set.
     """
     found = app.find(VMS, vm_name)
+    running = found.get("status") not in ("down", None)
+    path = f"/vms/{found['id']}/cdroms"
 
     def iso(current: bool) -> str | None:
-        drives = items(app.engine.get(f"/vms/{found['id']}/cdroms",
-                                      current="true" if current else None), "cdrom")
+        drives = items(app.engine.get(path, current="true" if current else None), "cdrom")
         file = (drives[0].get("file") or {}) if drives else {}
         return str(file["id"]) if file.get("id") else None
 
-    running = found.get("status") not in ("down", None)
+    if action is not None:
+        if (action == "insert") != bool(iso_name):
+            raise CliError("Usage", "'insert' takes an ISO; 'eject' takes none", "USAGE",
+                           exit_code=USAGE)
+        file_id = app.find(DISKS, iso_name)["id"] if iso_name else ""
+        current = running and not next_run
+        verb = f"inserting {iso_name}" if iso_name else "ejecting the CD"
+        with app.progress(f"{verb} {'in' if current else 'for the next run of'} "
+                          f"{found['name']}"):
+            app.engine.put(f"{path}/00000000-0000-0000-0000-000000000000",
+                           {"file": {"id": file_id}}, current="true" if current else None)
     row = {"vm": found["name"], "iso": iso(False), "current_iso": iso(True) if running else None}
-    app.output.one(row)
+    if action is None:
+        app.output.one(row)
+    else:
+        done = f"ISO {iso_name} inserted" if iso_name else "CD ejected"
+        app.output.done(f"{done} ({'now' if running and not next_run else 'next run'}, "
+                        f"VM {found['name']})", row)

@@ -88,3 +88,55 @@ DISK_ATTACHED = _t(2016, "normal", "Disk {disk} was attached to VM {vm} by {user
 DISK_DETACHED = _t(2018, "normal", "Disk {disk} was detached from VM {vm} by {user}.")
 # Monitoring.
 VM_DOWN = _t(119, "error", "VM {vm} is down: {reason}")
+# Storage domains and the CD-ROM (oVirt's codes).
+STORAGE_DOMAIN_ADDED = _t(956, "normal",
+                          "Storage domain {domain} was added on LUN {wwid} by {user} "
+                          "(through host {host}).")
+STORAGE_DOMAIN_ADD_FAILED = _t(957, "error", "Failed to add storage domain {domain}: {why}")
+STORAGE_DOMAIN_REMOVED = _t(960, "normal", "Storage domain {domain} was removed ({how}) by "
+                            "{user}.")
+STORAGE_DOMAIN_ATTACHED = _t(962, "normal",
+                             "Storage domain {domain} was attached to the data center by {user}.")
+STORAGE_DOMAIN_DETACHED = _t(964, "normal",
+                             "Storage domain {domain} was detached from the data center by "
+                             "{user}.")
+STORAGE_DOMAIN_ACTIVATED = _t(966, "normal", "Storage domain {domain} was activated by {user}.")
+STORAGE_DOMAIN_DEACTIVATED = _t(968, "normal",
+                                "Storage domain {domain} was deactivated by {user}.")
+CD_CHANGED = _t(38, "normal", "CD {disk} was inserted into VM {vm} by {user}.")
+CD_EJECTED = _t(521, "normal", "The CD was ejected from VM {vm} by {user}.")
+CD_CHANGE_FAILED = _t(39, "error", "Failed to change the CD of VM {vm}: {why}")
+# High availability and power management (issue 13).
+HA_VM_FAILED = _t(9602, "error", "Highly available VM {vm} failed ({reason}); it will be "
+                  "restarted automatically.")
+HA_VM_RESTART_TRY = _t(9604, "warning", "Restarting highly available VM {vm}: attempt "
+                       "{attempt} of {max}.")
+HA_VM_RESTARTED = _t(9605, "normal", "Highly available VM {vm} was restarted on host {host}.")
+HA_VM_RESTART_RETRY = _t(9606, "warning", "Restart {attempt} of highly available VM {vm} "
+                         "failed ({why}); next try in {delay:g} s.")
+HA_VM_RESTART_FAILED = _t(9603, "error", "Highly available VM {vm} could not be restarted "
+                          "automatically after {attempt} attempts: {why}")
+HOST_FENCING = _t(9030, "warning", "Host {host} is not responding: powering it off "
+                  "through its power management ({agents}).")
+HOST_FENCED_OFF = _t(9031, "warning", "Host {host} is off ({how}); its VMs are down: "
+                     "{vms}.")
+HOST_FENCE_FAILED = _t(9032, "error", "Power {action} of host {host} failed: {why}")
+HOST_POWER = _t(9033, "normal", "Host {host} power {action} by {user}: {state}.")
+HOST_NEEDS_MANUAL_FENCE = _t(9034, "alert", "Host {host} is not responding and has no power "
+                             "management: its VMs ({vms}) stay unknown and are not restarted "
+                             "until an administrator confirms the host is off "
+                             "(fence_type=manual).")
+HOST_STALE_VM_DESTROYED = _t(9035, "warning", "Host {host} came back running VM {vm}, which "
+                             "now {where}: that stale copy was destroyed before the host "
+                             "returned to service.")
+# ISO disks and image transfers (oVirt's codes where they exist).
+ISO_DISK_ADDED = _t(2021, "normal", "ISO disk {disk} ({size} bytes) was added to storage domain "
+                    "{domain} by {user}.")
+TRANSFER_STARTED = _t(1031, "normal", "Image upload to disk {disk} was started by {user} "
+                      "(host {host}).")
+TRANSFER_SUCCEEDED = _t(1032, "normal", "Image upload to disk {disk} succeeded: {size} bytes "
+                        "verified (sha256 {sha256}).")
+TRANSFER_FAILED = _t(1033, "error", "Image upload to disk {disk} failed: {why}")
+TRANSFER_CANCELLED = _t(1034, "warning", "Image upload to disk {disk} was cancelled: {why}")
+
+VM_UPDATED = _t(35, "normal", "VM {vm} configuration was updated by {user}.")

@@ -78,6 +78,35 @@ class MonitoringConfig(_Section):
     concurrency: int = Field(default=64, ge=1)
     # Benchmarks only: read every VM's full device list every cycle (what the hash avoids).
     naive: bool = False
+    # Seconds between log lines of what the loop did (cycles, wall, calls); 0: none.
+    report_interval: float = Field(default=300.0, ge=0)
+
+
+class HaConfig(_Section):
+    """High availability (``engine/ha``): restarts of crashed HA VMs, fencing of lost hosts."""
+
+    # How often the HA loop looks at the database (monitoring also wakes it at once).
+    interval: float = Field(default=2.0, gt=0)
+    # Restart tries per VM before giving up (an error event), and the back-off between them.
+    max_attempts: int = Field(default=5, ge=1, le=100)
+    backoff_initial: float = Field(default=2.0, ge=0)
+    backoff_max: float = Field(default=60.0, ge=0)
+    # Why a VM went down (the host's stop reason) that counts as a crash worth a restart.
+    crash_reasons: list[str] = ["failed", "crashed", "shutdown-host", "unknown"]
+    # A VM a poll found gone has no reason yet; the host's own (pushed) reason usually
+    # follows within a second. Wait this long for it, then count it as a crash.
+    reason_grace: float = Field(default=5.0, ge=0)
+    # Fence a non-responsive host with power management after it has been seen
+    # non-responsive this long by this engine run (oVirt also waits after an engine start).
+    fence_after: float = Field(default=3.0, ge=0)
+    # How long a power off may take to show as off; checked every fence_poll seconds.
+    fence_timeout: float = Field(default=60.0, gt=0)
+    fence_poll: float = Field(default=1.0, gt=0)
+    # Power the host back on after its VMs were restarted elsewhere.
+    power_on_after_fence: bool = True
+    # Where fence-agents programs (fence_<type>) are looked for; empty: beside the engine's
+    # Python, then /usr/sbin and /usr/bin.
+    fence_agent_dirs: list[Path] = []
 
 
 class AuthConfig(_Section):
@@ -89,6 +118,26 @@ class AuthConfig(_Section):
 
 class ApiConfig(_Section):
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
+
+
+class TransfersConfig(_Section):
+    """Image transfers (ISO uploads, ``engine/transfers``)."""
+
+    # Seconds without a data request before an unfinished transfer is cancelled and cleaned
+    # up (oVirt: 60); a client may ask for another value per transfer, up to max.
+    inactivity_timeout: int = Field(default=60, ge=1)
+    max_inactivity_timeout: int = Field(default=3600, ge=1)
+    # Finished transfers stay this long for clients that poll their phase.
+    keep_finished: float = Field(default=300.0, ge=0)
+    # How often timeouts are checked.
+    check_interval: float = Field(default=2.0, gt=0)
+    # Where received bytes are kept until verified (absolute); default <state_dir>/transfers.
+    spool_dir: Path | None = None
+    # Parallel writers a client may use (OPTIONS max_writers).
+    max_writers: int = Field(default=4, ge=1, le=64)
+    # https://host:port clients reach the engine at (transfer_url); empty: the server's
+    # address and port (its FQDN when it listens on every address).
+    public_url: str = ""
 
 
 class DebugConfig(_Section):
@@ -105,6 +154,8 @@ class EngineConfig(_Section):
     monitoring: MonitoringConfig = MonitoringConfig()
     auth: AuthConfig = AuthConfig()
     api: ApiConfig = ApiConfig()
+    transfers: TransfersConfig = TransfersConfig()
+    ha: HaConfig = HaConfig()
     debug: DebugConfig = DebugConfig()
 
     @property

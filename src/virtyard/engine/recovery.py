@@ -23,10 +23,11 @@ from typing import Any
 import anyio.to_thread
 from sqlalchemy import delete, select
 
-from virtyard.engine import audit
+from virtyard.engine import audit, recovery_storage
 from virtyard.engine.commands.flow import flow_data
 from virtyard.engine.commands.run_vm import ACTIVE
 from virtyard.engine.commands.stop_vm import mark_down
+from virtyard.engine.commands.storage_domains import pin_domains
 from virtyard.engine.db.models import Flow, Host, HostConnectionPin, VmDevice, VmDynamic, utcnow
 from virtyard.engine.hosts import connections as conns
 from virtyard.engine.hosts import vm_spec
@@ -121,6 +122,12 @@ class Recovery:
             return await self._settle_migration(flow)
         if flow.kind == "plug_disk":
             return await self._settle_plug(flow, bool(data.get("plug", True)))
+        settle_storage = recovery_storage.SETTLERS.get(flow.kind)
+        if settle_storage is not None:
+            try:
+                return await settle_storage(self, flow)
+            except recovery_storage.HostUnsureError as exc:
+                raise UnsureError(str(exc)) from exc
         log.warning("flow %s of unknown kind %s dropped", flow.id, flow.kind)
         await anyio.to_thread.run_sync(self._drop, flow)
         return []
@@ -289,6 +296,7 @@ class Recovery:
             for owner, stale in by_owner.items():  # VMs that run nowhere
                 touched |= {h for h, _c in stale}
                 conns.drop_owner(tx, owner)
+            touched |= set(pin_domains(tx))
         return sorted(touched)
 
     async def reconcile_all(self) -> None:

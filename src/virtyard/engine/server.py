@@ -22,10 +22,12 @@ from starlette.applications import Starlette
 
 from virtyard.engine.api.app import build_app
 from virtyard.engine.config import ConfigError, EngineConfig, load_config
+from virtyard.engine.ha import service as ha
 from virtyard.engine.monitoring.loop import Monitor
 from virtyard.engine.operator import OperatorError, add_parsers, open_database
 from virtyard.engine.recovery import Recovery
 from virtyard.engine.services import Services, build_services, ensure_admin
+from virtyard.engine.transfers.service import transfer_service
 
 log = logging.getLogger("virtyard.engine")
 
@@ -45,10 +47,13 @@ def make_app(services: Services) -> Starlette:
         settings = services.config.monitoring
         services.monitor = Monitor(services, poll_interval=settings.poll_interval,
                                    push=settings.push, long_poll=settings.long_poll,
-                                   concurrency=settings.concurrency, naive=settings.naive)
+                                   concurrency=settings.concurrency, naive=settings.naive,
+                                   report_interval=settings.report_interval)
         tasks = [asyncio.create_task(services.heartbeat.run(), name="heartbeat"),
                  asyncio.create_task(Recovery(services).run(), name="recovery"),
-                 asyncio.create_task(services.monitor.run(), name="monitoring")]
+                 asyncio.create_task(services.monitor.run(), name="monitoring"),
+                 asyncio.create_task(transfer_service(services).run(), name="transfers"),
+                 *ha.start(services)]
         try:
             yield
         finally:

@@ -9,17 +9,19 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio.to_thread
 from sqlalchemy import func, select
 
 from virtyard.engine import audit
 from virtyard.engine.auth import Authenticator
 from virtyard.engine.commands.base import ADMIN
+from virtyard.engine.commands.storage_domains import pin_domains
 from virtyard.engine.config import EngineConfig
 from virtyard.engine.db.database import Database
 from virtyard.engine.db.models import User
 from virtyard.engine.hosts.connections import ConnectionReconciler
 from virtyard.engine.hosts.heartbeat import Heartbeat
-from virtyard.engine.hosts.pool import HostPool
+from virtyard.engine.hosts.pool import HostAddress, HostPool
 from virtyard.host.client import ClientTls
 
 log = logging.getLogger("virtyard.engine")
@@ -55,6 +57,15 @@ def build_services(config: EngineConfig, db: Database) -> Services:
                           misses=config.heartbeat.misses, timeout=config.heartbeat.timeout,
                           concurrency=config.heartbeat.concurrency)
     connections = ConnectionReconciler(db, pool)
+
+    async def pin_active_domains(host: HostAddress) -> None:
+        """A host that comes up keeps the active storage domains' connections too."""
+        def pin() -> None:
+            with db.transaction() as tx:
+                pin_domains(tx, host.host_id)
+        await anyio.to_thread.run_sync(pin)
+
+    heartbeat.on_up.append(pin_active_domains)
     heartbeat.on_up.append(connections.reconcile_quietly)
     return Services(config, db, auth, pool, heartbeat, connections)
 

@@ -22,8 +22,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="where the lab keeps its state (default: .lab)")
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="bring the lab up (idempotent)")
-    up.add_argument("--profile", choices=("demo", "test"), default="demo",
-                    help="port set: 'demo' or 'test' (both can run at once)")
+    up.add_argument("--profile", choices=("demo", "test", "kernel"), default="demo",
+                    help="port set: 'demo' or 'test' (both can run at once); 'kernel' is "
+                         "'test' plus the storage host VM (kernel initiator, multipath, LVM)")
+    up.add_argument("--storage-host", action="store_true",
+                    help="also boot the storage host VM (TCG, ~1-2 min)")
     up.add_argument("--hosts", type=int, default=2, help="number of hypervisor hosts")
     up.add_argument("--env-file", type=Path, help="also write the lab as KEY=value lines here")
     up.add_argument("--port-base", type=int,
@@ -127,6 +130,11 @@ def format_status(status: dict[str, object]) -> str:
         state = "running" if engine["running"] else "stopped"
         lines.append(f"engine: {engine['url']} ({state}, pid {engine['pid'] or '-'}; "
                      f"log {engine['log']})")
+    storage_host = status.get("storage_host")
+    if isinstance(storage_host, dict) and storage_host["running"]:
+        lines.append(f"storage host VM (kernel initiator): https://{storage_host['address']}"
+                     f"/jsonrpc (pid {storage_host['pid']}; portals "
+                     f"{', '.join(storage_host['portals'])}; log {storage_host['log']})")
     return "\n".join(lines)
 
 
@@ -150,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "up":
             config_of = LabConfig.demo if args.profile == "demo" else LabConfig.test
             config = config_of(args.state_dir)
-            config = LabConfig(**{**config.__dict__, "host_count": args.hosts})
+            config = LabConfig(**{**config.__dict__, "host_count": args.hosts,
+                                  "storage_host": args.storage_host
+                                  or args.profile == "kernel"})
             if args.port_base:
                 config = config.with_port_base(args.port_base)
             lab = Lab.load(args.state_dir) or Lab(config)

@@ -1,23 +1,17 @@
-"""What ``make demo`` sets up on top of the lab: a demo target, agents connected to it, a
-block storage domain on its third LUN holding one small ISO (a text file inside), the lab's
-hosts registered in the lab's engine (through its REST API) and ``up`` there, and the demo VM
-``demo`` — an engine VM, made through the same REST API: the tiny guest with the first LUN as
-a direct LUN disk, started on host 1 (host 2 if host 1 cannot see the LUN). Idempotent: run it
-again and it finds what is there.
-
-The engine does not manage CD-ROMs yet (the ``VM.create`` it sends has no CD-ROM device, see
-``virtyard.engine.hosts.vm_spec``), so the demo VM has none for now; the ISO domain stays on
-the agents for ``VM.changeCD`` on VMs made on an agent directly (README, "The demo")."""
+"""What ``make demo`` sets up on top of the lab, all but the target through the engine's REST
+API: a demo target, agents connected to it, the lab's hosts registered in the lab's engine and
+``up`` there, a block storage domain on the target's third LUN (attached, active) holding one
+small ISO disk (a text file inside, uploaded through an image transfer), and the demo VM
+``demo``: the tiny guest with the first LUN as a direct LUN disk and an empty CD-ROM drive,
+started on host 1 (host 2 if host 1 cannot see the LUN). Idempotent: run it again and it finds
+what is there."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
+import ssl
 import subprocess
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +26,8 @@ from virtyard.lab.lab import Lab
 DEMO_TARGET = "demo"
 DEMO_CONNECTION = "demo"
 DEMO_LUN_SIZES = [1 << 30, 1 << 30, 512 << 20]
-DEMO_POOL = "00000000-0000-4000-8000-00000000d0d0"
+DEMO_DOMAIN = "demo-isos"
+DEMO_ISO = "demo.iso"
 DEMO_README = "Hello from Virtyard: this CD lives on an LVM volume on a SAN LUN.\n"
 DEMO_VM = "demo"
 DEMO_DISK = "demo-lun1"
@@ -52,28 +47,68 @@ def _demo_iso() -> bytes:
         return out.read_bytes()
 
 
-def _iso_domain(lab: Lab, target: TargetInfo) -> dict[str, str]:
-    """A block storage domain on LUN 3 with the demo ISO; its PDIV."""
-    ids = {name: str(uuid.uuid5(uuid.NAMESPACE_URL, f"virtyard-demo-{name}:{lab.state_dir}"))
-           for name in ("domain", "image", "volume")}
-    pdiv = {"poolID": DEMO_POOL, "domainID": ids["domain"], "imageID": ids["image"],
-            "volumeID": ids["volume"]}
-    with lab.agent_client(0) as client:
-        domains = {d["domainID"] for d in client.call("StorageDomain.list", {})}
-        if ids["domain"] not in domains:
-            client.call("StorageDomain.create", {"domainID": ids["domain"],
-                                                 "guid": target.wwid(3), "name": "demo-isos"})
-        volumes = {v["volumeID"]: v for v in client.call("Volume.list",
-                                                         {"domainID": ids["domain"]})}
-        if volumes.get(ids["volume"], {}).get("state") != "READY":
-            data = _demo_iso()
-            if ids["volume"] not in volumes:
-                client.call("Volume.create", {**pdiv, "size": len(data), "type": "ISO"})
-            client.call("Volume.write", {**pdiv, "offset": 0,
-                                         "data": base64.b64encode(data).decode()})
-            client.call("Volume.verify", {**pdiv, "size": len(data),
-                                          "sha256": hashlib.sha256(data).hexdigest()})
-    return pdiv
+def iso_domain(lab: Lab, target: TargetInfo, host_id: str, *,
+               timeout: float = 120.0) -> tuple[str, str]:
+    """The engine's block storage domain ``demo-isos`` on the demo target's third LUN,
+    attached and active, holding the ISO disk ``demo.iso`` uploaded as oVirt's clients upload
+    (``POST disks``, an image transfer, the bytes to its URL, finalize); their ids. Made when
+    missing."""
+    with lab.engine.api(timeout=timeout) as api:
+        found = _request(api, "GET", "/storagedomains", "list storage domains",
+                         params={"search": f"name={DEMO_DOMAIN}"}).get("storage_domain", [])
+        domain = found[0] if found else _request(
+            api, "POST", "/storagedomains", "add the demo storage domain", json={
+                "name": DEMO_DOMAIN, "type": "data", "host": {"id": host_id},
+                "storage": {"type": "iscsi", "volume_group": {"logical_units": {
+                    "logical_unit": [{"id": target.wwid(3), "address": target.address,
+                                      "port": target.port, "target": target.iqn}]}}}})
+        if domain["status"] == "unattached":
+            dc = _request(api, "GET", "/datacenters", "list data centers",
+                          params={"search": "name=Default"})["data_center"][0]
+            domain = _request(api, "POST", f"/datacenters/{dc['id']}/storagedomains",
+                              "attach the demo storage domain", json={"id": domain["id"]})
+        disks = _request(api, "GET", "/disks", "list disks",
+                         params={"search": f"alias={DEMO_ISO}"}).get("disk", [])
+        ready = [d for d in disks if d.get("status") == "ok"]
+        iso_id = str(ready[0]["id"]) if ready else _upload(api, lab, str(domain["id"]),
+                                                           _demo_iso(), timeout)
+        return str(domain["id"]), iso_id
+
+
+def _upload(api: httpx.Client, lab: Lab, domain_id: str, data: bytes, timeout: float) -> str:
+    disk = _request(api, "POST", "/disks", "add the demo ISO disk", json={
+        "name": DEMO_ISO, "content_type": "iso", "format": "raw", "provisioned_size": len(data),
+        "storage_domains": {"storage_domain": [{"id": domain_id}]}})
+    _wait(api, f"/disks/{disk['id']}", lambda d: d.get("status") != "locked", timeout)
+    transfer = _request(api, "POST", "/imagetransfers", "start the ISO upload",
+                        json={"disk": {"id": disk["id"]}, "direction": "upload"})
+    tls = ssl.create_default_context(cafile=str(lab.engine.ca_file))
+    with httpx.Client(verify=tls, timeout=timeout) as http:
+        answer = http.put(transfer["transfer_url"], content=data, headers={
+            "Content-Range": f"bytes 0-{len(data) - 1}/*",
+            "Content-Type": "application/octet-stream"})
+        if answer.status_code != 200:
+            raise LabError(f"the ISO upload was refused: {answer.status_code} "
+                           f"{answer.text[:300]}")
+    _request(api, "POST", f"/imagetransfers/{transfer['id']}/finalize", "finalize the upload",
+             json={})
+    done = _wait(api, f"/imagetransfers/{transfer['id']}",
+                 lambda t: str(t.get("phase", "")).startswith("finished")
+                 or t.get("phase") == "cancelled", timeout)
+    if done.get("phase") != "finished_success":
+        raise LabError(f"the ISO upload ended {done.get('phase')}: {done.get('description')}")
+    return str(disk["id"])
+
+
+def _wait(api: httpx.Client, path: str, done: Any, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = _request(api, "GET", path, f"read {path}")
+        if done(found):
+            return found
+        if time.monotonic() > deadline:
+            raise LabError(f"{path} did not get there in {timeout:g} s: {found}")
+        time.sleep(0.3)
 
 
 def register_hosts(lab: Lab, *, timeout: float = 60.0) -> dict[str, str]:
@@ -180,12 +215,12 @@ def set_up(lab: Lab) -> dict[str, str]:
                     "Host.getDeviceList", {"checkStatus": False, "refresh": False})):
                 client.call("StoragePool.connectStorageServer",
                             {"domainType": 3, "connectionParams": [connection]})
-    iso = _iso_domain(lab, target)
     hosts = register_hosts(lab)
+    domain_id, iso_id = iso_domain(lab, target, hosts[lab.agents[0].name])
     vm_id = demo_vm(lab, target, [hosts[a.name] for a in lab.agents])
     image = lab.guest_image
     return {"VIRTYARD_DEMO_VM": vm_id, "VIRTYARD_DEMO_TARGET": target.iqn,
-            "VIRTYARD_DEMO_ISO": json.dumps(iso),
+            "VIRTYARD_DEMO_ISO": iso_id, "VIRTYARD_DEMO_DOMAIN": domain_id,
             "VIRTYARD_GUEST_KERNEL": str(image.kernel),
             "VIRTYARD_GUEST_INITRD": str(image.initrd),
             "VIRTYARD_GUEST_CMDLINE": DEFAULT_CMDLINE}

@@ -29,6 +29,7 @@ from virtyard.lab.hypervisor import HypervisorHost
 from virtyard.lab.iscsi_target import TargetServer
 from virtyard.lab.kvm import detect_accelerator
 from virtyard.lab.process import PACKAGE_OF, require, run
+from virtyard.lab.storage_host import StorageHostVM
 
 # Programs `up` needs; checked together so that one error names every missing package.
 REQUIRED_PROGRAMS = (
@@ -59,6 +60,8 @@ class LabConfig:
     engine_port: int
     host_count: int = 2
     cache_dir: Path | None = None
+    # The storage host VM (kernel initiator, multipath, LVM activation) starts with the lab.
+    storage_host: bool = False
 
     @classmethod
     def demo(cls, state_dir: Path) -> LabConfig:
@@ -114,6 +117,13 @@ class LabConfig:
             yield self.libvirt_base_port + i, f"libvirtd of host{i + 1}"
             yield self.agent_base_port + i, f"host agent of host{i + 1}"
         yield self.engine_port, "engine REST API"
+        if self.storage_host:
+            yield self.storage_host_port, "host agent of the storage host VM"
+
+    @property
+    def storage_host_port(self) -> int:
+        """The storage host VM's agent, forwarded to loopback after the hosts' agents."""
+        return self.agent_base_port + 9
 
 
 class Lab:
@@ -133,6 +143,9 @@ class Lab:
             for i, h in enumerate(self.hosts)]
         # The engine on SQLite in engine/ (its state, log, admin password), with the lab's CA.
         self.engine = EngineProcess(self.state_dir / "engine", config.engine_port, self.pki)
+        self.storage_host = StorageHostVM(
+            self.state_dir / "storage-host", agent_port=config.storage_host_port,
+            iscsi_port=config.iscsi_port, pki=self.pki, cache_dir=self.cache_dir)
 
     @classmethod
     def load(cls, state_dir: Path) -> Lab | None:
@@ -168,7 +181,8 @@ class Lab:
         check_prerequisites()
         self._check_ports()
         fresh = not self.storage.is_running() and not any(h.is_running() for h in self.hosts)
-        started: list[HypervisorHost | TargetServer | AgentProcess | EngineProcess] = []
+        started: list[HypervisorHost | TargetServer | AgentProcess | EngineProcess
+                      | StorageHostVM] = []
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             self.console_dir.mkdir(exist_ok=True)
@@ -200,6 +214,9 @@ class Lab:
             if not self.engine.is_running():
                 self.engine.start()
                 started.append(self.engine)
+            if self.config.storage_host and not self.storage_host.is_running():
+                self._save({"storage_host_boot_s": round(self.storage_host.start(), 1)})
+                started.append(self.storage_host)
         except BaseException:
             for part in reversed(started):
                 part.stop()
@@ -213,6 +230,7 @@ class Lab:
         running |= {h.tcp_port for h in self.hosts if h.is_running()}
         running |= {a.port for a in self.agents if a.is_running()}
         running |= {self.engine.port} if self.engine.is_running() else set()
+        running |= {self.storage_host.agent_port} if self.storage_host.is_running() else set()
         for port, purpose in self.config.all_ports():
             if port not in running:
                 ports.ensure_free(port, purpose)
@@ -238,8 +256,9 @@ class Lab:
     def down(self) -> None:
         """Stop everything and remove the state directory; safe to run twice."""
         errors: list[LabError] = []
-        parts: list[HypervisorHost | TargetServer | AgentProcess | EngineProcess] = [
-            self.engine, *self.agents, *self.hosts, self.storage]
+        parts: list[HypervisorHost | TargetServer | AgentProcess | EngineProcess
+                    | StorageHostVM] = [
+            self.engine, self.storage_host, *self.agents, *self.hosts, self.storage]
         for part in parts:
             try:
                 part.stop()
@@ -276,7 +295,13 @@ class Lab:
             "hosts": [h.status() for h in self.hosts],
             "agents": [a.status() for a in self.agents],
             "engine": self.engine.status(),
+            "storage_host": self.storage_host.status(),
         }
+
+    def start_storage_host(self) -> float:
+        """Start the storage host VM on a running lab (no-op when it runs); the boot time."""
+        self.pki.ensure()
+        return self.storage_host.start()
 
     def agent_client(self, index: int) -> HostClient:
         """A mutual-TLS client to the agent of host ``index`` with the engine's certificate."""

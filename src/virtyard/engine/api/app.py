@@ -27,6 +27,8 @@ from virtyard.engine.api.routing import ROUTES, ApiRequest, Operation
 from virtyard.engine.api.types.common import ACTION, FAULT
 from virtyard.engine.auth import AuthError
 from virtyard.engine.commands.errors import NOT_AUTHORIZED, CommandError
+from virtyard.engine.transfers import imageio
+from virtyard.engine.ui.routes import ui_routes
 
 log = logging.getLogger("virtyard.engine.api")
 
@@ -232,7 +234,8 @@ async def not_found_handler(request: Request, exc: Exception) -> Response:
 def build_app(services: Any) -> Starlette:
     routes = [Route(SSO_TOKEN, sso_token, methods=["POST"]),
               Route(SSO_LOGOUT, sso_logout, methods=["GET", "POST"]),
-              Route(PREFIX + "/openapi.json", openapi, methods=["GET"])]
+              Route(PREFIX + "/openapi.json", openapi, methods=["GET"]),
+              *imageio.routes()]  # image transfers' data URLs (the ticket is the credential)
     for operation in ROUTES.operations:
         path = PREFIX + operation.path.rstrip("/") if operation.path != "/" else PREFIX
         routes.append(Route(path, endpoint(operation), methods=[operation.method],
@@ -240,6 +243,7 @@ def build_app(services: Any) -> Starlette:
     app = Starlette(routes=routes, exception_handlers={HTTPException: not_found_handler,
                                                         404: not_found_handler,
                                                         405: not_found_handler})
+    app.router.routes.extend(ui_routes(services))  # the web UI at /ovirt-engine/web
     app.state.services = services
     app.state.openapi = openapi_document(ROUTES.operations, PREFIX)
     return app

@@ -177,3 +177,92 @@ DISK_PLUGGED_TO_RUNNING_VM = _k("ACTION_TYPE_FAILED_DISK_PLUGGED_TO_RUNNING_VM",
 ATTACHMENT_PLUGGED_UPDATE = _k("ACTION_TYPE_FAILED_VM_IS_RUNNING", 409,
                                "The disk is plugged into a running VM; deactivate it to "
                                "change how it is attached.")
+# Storage domains and the CD-ROM (oVirt's keys where they exist).
+STORAGE_DOMAIN_NOT_FOUND = _k("ACTION_TYPE_FAILED_STORAGE_DOMAIN_NOT_EXIST", 404,
+                              "Storage domain does not exist.")
+DATA_CENTER_NOT_FOUND = _k("ACTION_TYPE_FAILED_STORAGE_POOL_NOT_EXIST", 404,
+                           "Data center does not exist.")
+NO_UP_HOST = _k("ACTION_TYPE_FAILED_NO_VDS_IN_POOL", 409, "There is no Up host to do it.")
+STORAGE_DOMAIN_TYPE_UNSUPPORTED = _k("ACTION_TYPE_FAILED_STORAGE_DOMAIN_TYPE_ILLEGAL", 400,
+                                     "Storage domain type {type} is not supported: data.")
+STORAGE_TYPE_UNSUPPORTED = _k("ACTION_TYPE_FAILED_STORAGE_DOMAIN_STORAGE_TYPE_ILLEGAL", 400,
+                              "Storage type {type} is not supported: iscsi.")
+STORAGE_DOMAIN_ONE_LUN = _k("ACTION_TYPE_FAILED_STORAGE_DOMAIN_ONE_LUN", 400,
+                            "A block storage domain here lives on exactly one LUN, not {count}.")
+LUNS_USED_BY_DISKS = _k("ACTION_TYPE_FAILED_LUNS_ALREADY_USED_BY_DISKS", 409,
+                        "The following LUNs are already used by DirectLUN disks: {luns}")
+STORAGE_DOMAIN_LUN_NOT_FREE = _k("ACTION_TYPE_FAILED_STORAGE_DOMAIN_LUN_NOT_FREE", 409,
+                                 "The LUN is not free: {why}.")
+STORAGE_DOMAIN_STATUS_ILLEGAL = _k("ACTION_TYPE_FAILED_STORAGE_DOMAIN_STATUS_ILLEGAL2", 409,
+                                   "The storage domain {name} is {status}.")
+STORAGE_DOMAIN_USED_BY_VMS = _k("ACTION_TYPE_FAILED_STORAGE_DOMAIN_USED_BY_VMS", 409,
+                                "Its ISO disks are the CD of VM(s) {vms}: eject them first.")
+CDROM_NOT_FOUND = _k("ACTION_TYPE_FAILED_CDROM_NOT_EXIST", 404, "The VM has no such CD-ROM.")
+ISO_NOT_FOUND = _k("ERROR_CANNOT_FIND_ISO_IMAGE_PATH", 400,
+                   "Invalid ISO image path: {file} is not an ISO disk.")
+ISO_STATUS_ILLEGAL = _k("ERROR_ISO_IMAGE_STATUS_ILLEGAL", 409,
+                        "The ISO disk {disk} is {status}, not ok.")
+ISO_DOMAIN_NOT_ACTIVE = _k("VM_CANNOT_RUN_FROM_CD_WITHOUT_ACTIVE_STORAGE_DOMAIN_ISO", 409,
+                           "The ISO's storage domain {domain} is {status}, not active.")
+CD_HOST_CANNOT_REACH = _k("ACTION_TYPE_FAILED_STORAGE_DOMAIN_NOT_REACHABLE_BY_HOST", 409,
+                          "Host {host} does not reach the storage domain {domain}: {why}")
+CHANGE_CD_FAILED = _k("ACTION_TYPE_FAILED_CHANGE_CD", 409,
+                      "The host refused; the old CD stays in the drive: {why}")
+# High availability and power management (issue 13).
+HOST_NO_POWER_MANAGEMENT = _k("ACTION_TYPE_FAILED_PM_ENABLED_WITHOUT_AGENT", 409,
+                              "Host {name} has no power management (no fence agent, or not "
+                              "enabled).")
+FENCE_FAILED = _k("VDS_FENCE_OPERATION_FAILED", 409, "Power {action} of host {name} failed: "
+                  "{why}")
+FENCE_TYPE_INVALID = _k("ACTION_TYPE_FAILED_INVALID_FENCE_TYPE", 400,
+                        "fence_type {fence_type} is not one of manual, stop, start, restart, "
+                        "status.")
+FENCE_AGENT_INVALID = _k("ACTION_TYPE_FAILED_AGENT_NOT_SUPPORTED", 400, "{why}")
+FENCE_AGENT_NOT_FOUND = _k("ACTION_TYPE_FAILED_FENCE_AGENT_NOT_FOUND", 404,
+                           "The host has no such fence agent.")
+
+# Image disks (ISO) and image transfers.
+STORAGE_DOMAIN_MISSING = _k("ACTION_TYPE_FAILED_STORAGE_DOMAIN_NOT_SPECIFIED", 400,
+                            "An image disk needs one storage domain (storage_domains).")
+NO_HOST_REACHES_DOMAIN = _k("ACTION_TYPE_FAILED_NO_VDS_IN_POOL", 409,
+                            "No host that is Up reaches storage domain {domain}.")
+DISK_SIZE_ZERO = _k("ACTION_TYPE_FAILED_DISK_SIZE_ZERO", 400,
+                    "The disk's provisioned_size must be more than zero bytes.")
+DISK_MAX_SIZE_EXCEEDED = _k("ACTION_TYPE_FAILED_DISK_MAX_SIZE_EXCEEDED", 400,
+                            "Disk exceeds maximum size of {max} bytes.")
+DISK_ID_INVALID = _k("ACTION_TYPE_FAILED_INVALID_DISK_ID", 400,
+                     "The disk id '{id}' is not a UUID.")
+DISK_FORMAT_INVALID = _k("ACTION_TYPE_FAILED_DISK_FORMAT_NOT_SUPPORTED", 400,
+                         "An ISO disk is raw, not {format}.")
+DISK_CONTENT_UNSUPPORTED = _k("ACTION_TYPE_FAILED_DISK_CONTENT_TYPE_NOT_SUPPORTED", 400,
+                              "Only ISO image disks (content_type iso) can be added to a "
+                              "storage domain here.")
+DISK_SPACE_LOW = _k("ACTION_TYPE_FAILED_DISK_SPACE_LOW_ON_STORAGE_DOMAIN", 409,
+                    "Storage Domain {domain} has not enough free space: {why}")
+VOLUME_CREATE_FAILED = _k("ACTION_TYPE_FAILED_CREATE_VOLUME", 409,
+                          "Host {host} could not create the volume: {why}")
+DISKS_LOCKED = _k("ACTION_TYPE_FAILED_DISKS_LOCKED", 409,
+                  "Disk(s) {disk} are locked. Please try again in a few minutes.")
+DISK_IS_CD = _k("ACTION_TYPE_FAILED_DISK_IS_IN_USE_AS_CDROM", 409,
+                "ISO disk {disk} is in the CD-ROM of VM(s) {vms}; eject it first.")
+VOLUME_REMOVE_FAILED = _k("ACTION_TYPE_FAILED_REMOVE_VOLUME", 409,
+                          "Host {host} could not remove the volume of disk {disk}: {why}")
+TRANSFER_NOT_FOUND = _k("ACTION_TYPE_FAILED_IMAGE_TRANSFER_NOT_EXIST", 404,
+                        "The image transfer does not exist.")
+TRANSFER_DISK_NOT_IMAGE = _k("ACTION_TYPE_FAILED_DISK_TYPE_NOT_SUPPORTED_FOR_TRANSFER", 409,
+                             "Only image disks on a storage domain (ISO disks) can be "
+                             "uploaded; disk {disk} is a {type} disk.")
+TRANSFER_DIRECTION = _k("ACTION_TYPE_FAILED_IMAGE_TRANSFER_DIRECTION_NOT_SUPPORTED", 400,
+                        "Only uploads are supported (direction upload).")
+TRANSFER_DISK_ILLEGAL = _k("ACTION_TYPE_FAILED_DISK_IS_NOT_OK", 409,
+                           "Disk {disk} is {status}; only an ok disk can be uploaded to.")
+TRANSFER_DISK_HAS_CONTENT = _k("ACTION_TYPE_FAILED_DISK_ALREADY_HAS_CONTENT", 409,
+                               "ISO disk {disk} already holds a verified image; remove it "
+                               "and add a new disk to upload another.")
+TRANSFER_PHASE_ILLEGAL = _k("ACTION_TYPE_FAILED_IMAGE_TRANSFER_PHASE_ILLEGAL", 409,
+                            "The image transfer is {phase}.")
+TRANSFER_HOST_INVALID = _k("ACTION_TYPE_FAILED_TRANSFER_HOST_CANNOT_REACH_DOMAIN", 409,
+                           "Host {host} is not Up or does not reach the disk's storage "
+                           "domain.")
+TRANSFER_TIMEOUT_INVALID = _k("ACTION_TYPE_FAILED_INACTIVITY_TIMEOUT_OUT_OF_RANGE", 400,
+                              "inactivity_timeout must be between 1 and {max} seconds.")

@@ -28,6 +28,7 @@ from virtyard.engine.commands import errors
 from virtyard.engine.commands.base import Context, record_event
 from virtyard.engine.commands.flow import HostCommand
 from virtyard.engine.commands.hosts import get_host
+from virtyard.engine.commands.image_disks import IsoRemoval, check_removable, remove_iso_volume
 from virtyard.engine.commands.storage import Portal, check_portal, find_or_add_connection
 from virtyard.engine.db.models import (
     BaseDisk,
@@ -182,13 +183,15 @@ class _Taken(Exception):  # noqa: N818 - internal signal, never escapes
 
 @dataclass
 class RemoveDisk(HostCommand[str]):
-    """``DELETE disks/{id}``: a disk that no running VM uses; its attachments go with it."""
+    """``DELETE disks/{id}``: a disk that no running VM uses; its attachments go with it (an
+    ISO disk: its volume too, unless it is in a CD-ROM or locked)."""
 
     action: ClassVar[str] = "remove"
     entity: ClassVar[str] = "Virtual Disk"
 
     disk_id: str
     alias: str = ""
+    iso: IsoRemoval | None = None
 
     def validate(self, tx: Session, ctx: Context) -> None:
         disk = tx.get(BaseDisk, self.disk_id)
@@ -202,6 +205,12 @@ class RemoveDisk(HostCommand[str]):
                    VmDynamic.status != "down"))
         if plugged_running:
             raise self.fail(errors.DISK_PLUGGED_TO_RUNNING_VM, disk=disk.alias)
+        self.iso = check_removable(self, tx, disk)
+
+    def perform(self, ctx: Context) -> Any:
+        if self.iso is not None:
+            remove_iso_volume(self, ctx, self.iso, self.alias)
+        return None
 
     def record(self, tx: Session, ctx: Context, found: Any) -> str:
         tx.execute(delete(VmDevice).where(VmDevice.device_id == self.disk_id))

@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from virtyard.engine import audit
-from virtyard.engine.commands import errors
+from virtyard.engine.commands import cd_media, errors
 from virtyard.engine.commands.base import Context, record_event
 from virtyard.engine.commands.flow import FlowCommand
 from virtyard.engine.commands.run_vm import ACTIVE, Candidate, prove_sync, release_hosts
@@ -61,7 +61,8 @@ class MigrateVm(FlowCommand[str]):
         self.source = Candidate(src.id, src.name, HostAddress(src.id, src.address, src.port))
         dst = self._destination(tx, vm.cluster_id, src.id)
         self.target = Candidate(dst.id, dst.name, HostAddress(dst.id, dst.address, dst.port))
-        self.wwids = tuple(sorted({d.lun.lun_id for d in vm_spec.vm_disks(tx, vm.id)}))
+        self.wwids = tuple(sorted({d.lun.lun_id for d in vm_spec.vm_disks(tx, vm.id)}
+                                  | set(cd_media.cd_wwids(tx, vm.id))))
 
     def _destination(self, tx: Session, cluster_id: str, source_id: str) -> Host:
         if self.host_id or self.host_name:

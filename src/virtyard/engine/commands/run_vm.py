@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from virtyard.engine import audit
-from virtyard.engine.commands import errors
+from virtyard.engine.commands import cd_media, errors
 from virtyard.engine.commands.base import Context, record_event
 from virtyard.engine.commands.flow import FlowCommand, flow_data
 from virtyard.engine.commands.vms import get_vm
@@ -155,6 +155,7 @@ class RunVm(FlowCommand[RunOutcome]):
     hosts: list[Candidate] = field(default_factory=list)
     wwids: list[str] = field(default_factory=list)
     vm_name: str = ""
+    iso: cd_media.Iso | None = None
 
     def validate(self, tx: Session, ctx: Context) -> None:
         vm = get_vm(self, tx, self.vm_id)
@@ -164,7 +165,9 @@ class RunVm(FlowCommand[RunOutcome]):
         if status != "down":
             raise self.fail(errors.VM_IS_RUNNING, name=vm.name, status=status)
         disks = vm_spec.vm_disks(tx, vm.id)
-        self.wwids = sorted({d.lun.lun_id for d in disks})
+        self.iso = cd_media.iso_disk(self, tx, vm.iso_path) if vm.iso_path else None
+        self.wwids = sorted({d.lun.lun_id for d in disks}
+                            | ({self.iso.wwid} if self.iso and self.iso.wwid else set()))
         without = [d.disk.alias for d in disks if not tx.scalar(
             select(func.count()).where(LunConnection.lun_id == d.lun.lun_id))]
         if without:
@@ -198,7 +201,11 @@ class RunVm(FlowCommand[RunOutcome]):
             assert vm is not None
             disks = vm_spec.vm_disks(tx, self.vm_id)
         places = vm_spec.place_disks(disks)
-        params = vm_spec.vm_params(vm, disks, places)
+        with ctx.db.transaction() as tx:
+            drive = cd_media.cd_place(tx, self.vm_id, {places[d.disk.id].index for d in disks
+                                                   if d.iface == vm_spec.CD_IFACE})
+        params = vm_spec.vm_params(vm, disks, places, vm_spec.cdrom_drive(
+            drive, self.iso.pdiv if self.iso else None))
 
         async def go() -> RunOutcome:
             tried: list[str] = []
@@ -239,6 +246,7 @@ class RunVm(FlowCommand[RunOutcome]):
         assert dynamic is not None
         dynamic.status = "up"
         dynamic.run_on_host_id = result.host_id
+        dynamic.current_cd = self.iso.disk_id if self.iso else ""
         dynamic.exit_reason = ""
         dynamic.status_changed_at = utcnow()
         self.released = conns.drop_owner(tx, conns.vm_owner(self.vm_id),

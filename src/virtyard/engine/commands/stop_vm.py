@@ -116,6 +116,7 @@ def mark_down(tx: Session, vm_id: str, reason: str) -> None:
     dynamic.migrating_to_host_id = None
     dynamic.exit_reason = reason[:1000]
     dynamic.devices_hash = ""
+    dynamic.current_cd = ""
     dynamic.status_changed_at = utcnow()
 
 

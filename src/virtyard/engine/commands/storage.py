@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from virtyard.engine import audit
 from virtyard.engine.commands import errors
-from virtyard.engine.commands.base import Context, record_event
+from virtyard.engine.commands.base import Command, Context, record_event
 from virtyard.engine.commands.flow import HostCommand
 from virtyard.engine.commands.hosts import get_host, valid_address
 from virtyard.engine.db.models import HostConnectionPin, StorageServerConnection
@@ -47,7 +47,7 @@ class Portal:
         return f"Portal({self.address}:{self.port} {self.target} user={self.user!r})"
 
 
-def check_portal(command: HostCommand[Any], portal: Portal, *, need_target: bool) -> None:
+def check_portal(command: Command[Any], portal: Portal, *, need_target: bool) -> None:
     if not portal.address or (need_target and not portal.target):
         raise command.fail(errors.ISCSI_MISSING_PARAMS)
     if not valid_address(portal.address):

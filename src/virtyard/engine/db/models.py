@@ -31,6 +31,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -125,6 +126,8 @@ class Host(Base):
     libvirt_version: Mapped[str] = mapped_column(String(64), default="")
     agent_version: Mapped[str] = mapped_column(String(64), default="")
     agent_started_at: Mapped[float] = mapped_column(default=0.0)
+    # Power management (fencing): the engine may power the host off through its fence agents.
+    pm_enabled: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     last_seen: Mapped[datetime.datetime | None] = mapped_column(UtcDateTime(),
                                                                 default=None)
     created_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime(),
@@ -209,6 +212,8 @@ class BaseDisk(Base):
     volume_id: Mapped[str | None] = mapped_column(ID, default=None)
     provisioned_size: Mapped[int] = mapped_column(BigInteger, default=0)
     status: Mapped[str] = mapped_column(String(16), default="ok")
+    # An ISO disk: bytes of uploaded and verified content (0 until an upload is verified).
+    content_size: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime(),
                                                           default=utcnow)
 
@@ -397,4 +402,65 @@ class Flow(Base):
     user_name: Mapped[str] = mapped_column(String(255), default="")
     correlation_id: Mapped[str] = mapped_column(String(64), default="")
     started_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    updated_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class FenceAgent(Base):
+    """How to power a host off and on (oVirt's fence agent): a driver ``type`` (redfish,
+    ipmilan, or a fence-agents program ``fence_<type>``), its address and credentials, tried in
+    ``position`` order. The password is a secret: never rendered, logged or put in events."""
+
+    __tablename__ = "fence_agents"
+    id: Mapped[str] = mapped_column(ID, primary_key=True, default=new_id)
+    host_id: Mapped[str] = mapped_column(ForeignKey("hosts.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int] = mapped_column(Integer, default=1)
+    type: Mapped[str] = mapped_column(String(64))
+    address: Mapped[str] = mapped_column(String(255), default="")
+    port: Mapped[int | None] = mapped_column(Integer, default=None)
+    user_name: Mapped[str] = mapped_column(String(255), default="")
+    password: Mapped[str] = mapped_column(String(255), default="")
+    options: Mapped[str] = mapped_column(String(4000), default="")  # "k=v,k=v"
+    encrypt_options: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class HaRestart(Base):
+    """An HA VM the engine owes a restart (it crashed, or its host was fenced): written before
+    the restart is tried, so a restart survives an engine crash; ``state`` pending → (the VM is
+    up: row deleted) or failed (retries exhausted). ``host_id``: the host to try first."""
+
+    __tablename__ = "ha_restarts"
+    vm_id: Mapped[str] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"),
+                                       primary_key=True)
+    reason: Mapped[str] = mapped_column(String(1000), default="")
+    host_id: Mapped[str | None] = mapped_column(ID, default=None)
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_try_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    created_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class ImageTransfer(Base):
+    """An upload into an image disk (oVirt's image_transfers): its phase, the host that writes
+    the volume, and the ticket that is the only credential of its data URL (so it is stored, to
+    render ``transfer_url`` again, and never logged). ``active_disk_id`` is the disk's id while
+    the transfer is not finished and NULL after: unique, so a disk has one transfer at a time.
+    Finished rows stay a while for clients polling the phase (``transfers.keep_finished``)."""
+
+    __tablename__ = "image_transfers"
+    id: Mapped[str] = mapped_column(ID, primary_key=True, default=new_id)
+    disk_id: Mapped[str] = mapped_column(ID, index=True)
+    active_disk_id: Mapped[str | None] = mapped_column(ID, unique=True, default=None)
+    host_id: Mapped[str | None] = mapped_column(ID, default=None)
+    direction: Mapped[str] = mapped_column(String(16), default="upload")
+    phase: Mapped[str] = mapped_column(String(32), default="initializing")
+    ticket: Mapped[str] = mapped_column(String(64), unique=True)
+    size: Mapped[int] = mapped_column(BigInteger, default=0)
+    transferred: Mapped[int] = mapped_column(BigInteger, default=0)
+    inactivity_timeout: Mapped[int] = mapped_column(Integer, default=60)
+    # Set when finalizing: the SHA-256 of the content sent to Volume.verify (recovery).
+    sha256: Mapped[str] = mapped_column(String(64), default="")
+    message: Mapped[str] = mapped_column(String(1000), default="")
+    user_name: Mapped[str] = mapped_column(String(255), default="")
+    correlation_id: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime(), default=utcnow)
     updated_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime(), default=utcnow)

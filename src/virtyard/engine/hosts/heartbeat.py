@@ -4,7 +4,10 @@ It moves hosts between ``up`` and ``non_responsive`` (after ``misses`` failed pi
 so one lost packet does not flap a host), reads a host's capabilities at first contact and
 after every agent restart, notices agent restarts (``agentStartedAt``), and writes one event per
 transition. Hosts in maintenance are pinged too (their details stay current) but keep their
-status. Database writes happen only on a change, in one transaction per cycle.
+status. A ``down`` host (fenced, or confirmed off by an administrator) or one activated from
+maintenance returns to ``up`` only once every ``before_up`` hook agreed (HA destroys its stale
+VM copies first); while silent a ``down`` host stays ``down``. Database writes happen only on
+a change, in one transaction per cycle.
 """
 
 from __future__ import annotations
@@ -31,7 +34,10 @@ from virtyard.engine.monitoring.sync import mark_unknown
 log = logging.getLogger("virtyard.engine.heartbeat")
 
 # Statuses the heartbeat may change; any other belongs to a user's action.
-MONITORED = ("installing", "connecting", "up", "non_responsive")
+MONITORED = ("installing", "connecting", "up", "non_responsive", "down")
+# Statuses a host leaves for up only once every before_up hook agreed: fenced or confirmed off
+# (down), or activated from maintenance (connecting), where it may have been down before.
+GATED = ("down", "connecting")
 
 
 @dataclass
@@ -50,6 +56,7 @@ class Outcome:
     detail: str = ""
     capabilities: dict[str, Any] | None = None
     restarted: bool = False
+    cleared: bool = False  # a down host: every before_up hook agreed
 
 
 @dataclass
@@ -79,6 +86,8 @@ class Heartbeat:
         # Called for every host that came up (first contact, recovery, agent restart): the
         # connection reconciler makes it keep what it should.
         self.on_up: list[Callable[[HostAddress], Awaitable[object]]] = []
+        # Asked before a down host may come back up (all must answer True).
+        self.before_up: list[Callable[[HostAddress], Awaitable[bool]]] = []
 
     def kick(self) -> None:
         """Run a cycle at once (a host was added or activated). Safe from any thread."""
@@ -108,9 +117,9 @@ class Heartbeat:
         outcomes = await asyncio.gather(*(self._check(h, status) for h, status in hosts))
         changed = await anyio.to_thread.run_sync(self._store, outcomes)
         self.stats.transitions += changed
-        came_up = [h for h, _s in hosts
+        came_up = [h for h, status in hosts
                    if any(o.host_id == h.host_id and o.ok and o.capabilities is not None
-                          for o in outcomes)]
+                          and (status not in GATED or o.cleared) for o in outcomes)]
         for host in came_up:
             for hook in self.on_up:
                 await hook(host)
@@ -147,8 +156,14 @@ class Heartbeat:
         seen.misses = 0
         seen.started_at = started_at
         seen.last_ok = time.time()
+        cleared = False
+        if status in GATED:
+            try:
+                cleared = all([await hook(host) for hook in self.before_up])
+            except Exception:
+                log.exception("host %s: a before_up hook failed", host.address)
         return Outcome(host.host_id, True, capabilities=capabilities, restarted=restarted,
-                       detail=f"agent {host.address}:{host.port}")
+                       detail=f"agent {host.address}:{host.port}", cleared=cleared)
 
     def _store(self, outcomes: list[Outcome]) -> int:
         """Apply the transitions the outcomes call for; the number of hosts changed."""
@@ -172,7 +187,7 @@ class Heartbeat:
         ids = audit.Ids(host_id=host.id)
         if not outcome.ok:
             seen = self._seen.get(host.id, _Seen())
-            if host.status in MONITORED and host.status != "non_responsive" \
+            if host.status in MONITORED and host.status not in ("non_responsive", "down") \
                     and seen.misses >= self.misses:
                 host.status = "non_responsive"
                 host.status_detail = outcome.detail
@@ -181,6 +196,8 @@ class Heartbeat:
                 mark_unknown(tx, host.id)
                 return 1
             return 0
+        if host.status in GATED and not outcome.cleared:
+            return 0  # stays out of service until its stale VMs are gone
         if outcome.restarted:
             audit.record(tx, audit.HOST_AGENT_RESTARTED, ids, host=host.name)
         if outcome.capabilities is not None and \

@@ -22,6 +22,9 @@ from virtyard.engine.db.models import BaseDisk, DiskVmElement, Lun, Vm, VmDevice
 IFACE = {"virtio": "virtio", "virtio_scsi": "scsi", "sata": "sata", "ide": "ide"}
 SERIAL_LENGTH = 20
 MIB = 1 << 20
+# The CD-ROM drive: on the virtio-scsi bus, at an index no disk of the VM uses.
+CD_IFACE = "scsi"
+CDROM_DEVICE_ID = "00000000-0000-0000-0000-000000000000"
 
 
 @dataclass
@@ -116,9 +119,10 @@ def place_disks(disks: list[VmDisk], taken: dict[str, set[int]] | None = None
     return places
 
 
-def taken_places(tx: Session, vm_id: str, *, except_disk: str | None = None
-                 ) -> dict[str, set[int]]:
-    """Indexes in use on the VM per interface (plugged disks), for a hot-plug."""
+def taken_places(tx: Session, vm_id: str, *, except_disk: str | None = None,
+                 with_cd: bool = True) -> dict[str, set[int]]:
+    """Indexes in use on the VM per interface (plugged disks and the CD-ROM drive), for a
+    hot-plug."""
     out: dict[str, set[int]] = {}
     for d in vm_disks(tx, vm_id):
         if d.disk.id == except_disk:
@@ -126,16 +130,30 @@ def taken_places(tx: Session, vm_id: str, *, except_disk: str | None = None
         place = DiskPlace.loads(d.device.address)
         if place is not None:
             out.setdefault(d.iface, set()).add(place.index)
+    cd = tx.get(VmDevice, (CDROM_DEVICE_ID, vm_id)) if with_cd else None
+    cd_place = DiskPlace.loads(cd.address) if cd is not None else None
+    if cd_place is not None:
+        out.setdefault(CD_IFACE, set()).add(cd_place.index)
     return out
 
 
-def vm_params(vm: Vm, disks: list[VmDisk], places: dict[str, DiskPlace]) -> dict[str, Any]:
-    """The ``vmParams`` of ``VM.create``."""
+def cdrom_drive(place: DiskPlace, pdiv: dict[str, str] | None) -> dict[str, Any]:
+    """The VM's CD-ROM device dict: a volume by PDIV, or an empty tray."""
+    drive: dict[str, Any] = {"type": "disk", "device": "cdrom", "iface": CD_IFACE,
+                             "index": place.index, "readonly": True, "shared": "none"}
+    if pdiv:
+        drive["PDIV"] = pdiv
+    return drive
+
+
+def vm_params(vm: Vm, disks: list[VmDisk], places: dict[str, DiskPlace],
+              cdrom: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``vmParams`` of ``VM.create`` (``cdrom``: its drive, see :func:`cdrom_drive`)."""
     params: dict[str, Any] = {
         "vmId": vm.id, "vmName": vm.name,
         "memSize": max(16, vm.memory_bytes // MIB),
         "smp": max(1, vm.cpu_sockets * vm.cpu_cores * vm.cpu_threads),
-        "devices": [d.drive(places[d.disk.id]) for d in disks],
+        "devices": [d.drive(places[d.disk.id]) for d in disks] + ([cdrom] if cdrom else []),
     }
     if vm.kernel:
         params["kernel"] = vm.kernel

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,8 @@ log = logging.getLogger("virtyard.engine.monitoring")
 METHOD_NOT_FOUND = -32601
 # A pushed event describes the moment it happened, a little before it arrives.
 EVENT_AGE = datetime.timedelta(milliseconds=200)
+# Worker threads the loop's database reads may hold at once (the REST API shares the pool).
+DB_READERS = 4
 
 
 @dataclass
@@ -61,7 +64,8 @@ class Monitor:
     """See the module docstring. ``run()`` is the loop; ``poke()`` asks for a cycle now."""
 
     def __init__(self, services: Any, *, poll_interval: float = 15.0, push: bool = True,
-                 long_poll: float = 25.0, concurrency: int = 64, naive: bool = False) -> None:
+                 long_poll: float = 25.0, concurrency: int = 64, naive: bool = False,
+                 report_interval: float = 300.0) -> None:
         self.services = services
         self.db = services.db
         self.pool = services.pool
@@ -76,6 +80,15 @@ class Monitor:
         self._wake = asyncio.Event()
         self._external: set[str] = set()
         self.stats = MonitorStats()
+        self.report_interval = report_interval
+        self._writer = asyncio.Lock()  # one monitoring write transaction at a time (_sync)
+        self._readers = asyncio.Semaphore(DB_READERS)
+        self._reported = MonitorStats()
+        self._reported_at = time.monotonic()
+        self._walls: list[float] = []
+        # Told which VMs went down or were reported down with the host's reason (vm id,
+        # reason or ""): HA looks at once, and learns a reason a poll could not give.
+        self.on_down: list[Callable[[list[tuple[str, str]]], object]] = []
 
     def poke(self) -> None:
         loop = getattr(self, "_loop", None)
@@ -94,12 +107,30 @@ class Monitor:
                     log.exception("monitoring cycle failed")
                 self.stats.last_cycle_seconds = time.monotonic() - started
                 self.stats.cycles += 1
+                self._report()
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval)
         finally:
             for task in self._push_tasks.values():
                 task.cancel()
+
+    def _report(self) -> None:
+        """Every ``report_interval`` seconds (0: never), one line of what the loop did since the
+        last one: operators size the engine with it, and the benchmark reads it."""
+        self._walls.append(self.stats.last_cycle_seconds)
+        now = time.monotonic()
+        if self.report_interval <= 0 or now - self._reported_at < self.report_interval:
+            return
+        counts = {f.name: getattr(self.stats, f.name) - getattr(self._reported, f.name)
+                  for f in dataclasses.fields(MonitorStats) if f.name != "last_cycle_seconds"}
+        walls = self._walls
+        log.info("monitoring report: seconds=%.1f wall_mean=%.3f wall_max=%.3f %s",
+                 now - self._reported_at, sum(walls) / len(walls), max(walls),
+                 " ".join(f"{k}={v}" for k, v in counts.items()))
+        self._reported = dataclasses.replace(self.stats)
+        self._reported_at = now
+        self._walls = []
 
     def _stored_hashes(self) -> dict[str, str]:
         with self.db.read() as tx:
@@ -167,8 +198,7 @@ class Monitor:
             self.stats.dropped += dropped
             log.warning("host %s: dropped %d malformed entries of its report", host.address,
                         dropped)
-        result = await anyio.to_thread.run_sync(self._apply, host.host_id, reports, devices,
-                                                complete, asked_at)
+        result = await self._sync(host.host_id, reports, devices, complete, asked_at)
         applied = set(result.devices_applied)
         for report in devices:
             if report.vm_id in applied:
@@ -185,8 +215,36 @@ class Monitor:
         self.stats.changed_vms += result.changed_vms
         self.stats.changed_devices += result.changed_devices
         self.stats.went_down += len(result.went_down)
+        downs = [(r.vm_id, r.reason) for r in reports if r.status == "down" and r.reason]
+        downs += [(vm_id, "") for vm_id, _name in result.went_down]
+        if downs:
+            for hook in self.on_down:
+                hook(downs)
         if result.went_down:
             await self.services.connections.reconcile_quietly(host)
+
+    async def _sync(self, host_id: str, reports: list[sync.VmReport],
+                    devices: list[sync.DeviceReport], complete: bool,
+                    asked_at: datetime.datetime | None) -> sync.SyncResult:
+        """The database, in worker threads: a read first (most reports change nothing), a
+        write only when needed, one at a time. SQLite runs writes one at a time anyway, and
+        dozens of threads waiting for its lock in its busy handler (it sleeps up to 100 ms
+        between tries) made pushes wait seconds behind the poll's writes."""
+        async with self._readers:
+            quiet = await anyio.to_thread.run_sync(self._unchanged, host_id, reports, devices,
+                                                   complete, asked_at)
+        if quiet is not None:
+            return quiet
+        async with self._writer:
+            return await anyio.to_thread.run_sync(self._apply, host_id, reports, devices,
+                                                  complete, asked_at)
+
+    def _unchanged(self, host_id: str, reports: list[sync.VmReport],
+                   devices: list[sync.DeviceReport], complete: bool,
+                   asked_at: datetime.datetime | None) -> sync.SyncResult | None:
+        with self.db.read() as tx:
+            return sync.unchanged(tx, host_id, reports, devices, complete=complete,
+                                  asked_at=asked_at)
 
     def _apply(self, host_id: str, reports: list[sync.VmReport],
                devices: list[sync.DeviceReport], complete: bool,

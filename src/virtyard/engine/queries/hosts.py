@@ -47,6 +47,7 @@ def host_model(host: Host, vm_counts: dict[str, int] | None = None) -> Model:
         model["iscsi"] = {"initiator": host.iscsi_initiator_name}
     model["libvirt_version"] = _version(host.libvirt_version)
     model["version"] = _version(host.agent_version)
+    model["power_management"] = {"enabled": bool(host.pm_enabled)}
     if vm_counts is not None:
         active = vm_counts.get(host.id, 0)
         model["summary"] = {"active": active, "migrating": 0, "total": active}

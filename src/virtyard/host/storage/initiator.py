@@ -290,6 +290,13 @@ class Initiator(abc.ABC):
             raise InitiatorReadError(results, errors)
         return [data or b"" for data in results]
 
+    def write(self, device: Device, offset: int, data: bytes, *, timeout: float) -> bool:
+        """Write ``data`` (whole logical blocks, at a block boundary) durably at ``offset`` of
+        ``device`` over the initiator's own transport, when it has one that needs no local
+        device: True when written, False when the caller must make a local device instead
+        (the default)."""
+        return False
+
     @abc.abstractmethod
     def device_path(self, guid: str) -> str | None:
         """A local block device path for ``guid`` when the transport gives one, else ``None``."""

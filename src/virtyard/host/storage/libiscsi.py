@@ -438,6 +438,15 @@ class _Lib:
                              _int, _int, _int, _int, _int, _COMMAND_CB, ctypes.c_void_p)
         self.read16_task = d(lib, "iscsi_read16_task", _task, _ctx, _int, _u64, _u32, _int,
                              _int, _int, _int, _int, _int, _COMMAND_CB, ctypes.c_void_p)
+        # lun, lba, data, datalen, blocksize, wrprotect, dpo, fua, fua_nv, group_number, cb,
+        # private (libiscsi sends from ``data`` without copying it: kept alive by the op)
+        self.write16_task = d(lib, "iscsi_write16_task", _task, _ctx, _int, _u64,
+                              ctypes.c_void_p, _u32, _int, _int, _int, _int, _int, _int,
+                              _COMMAND_CB, ctypes.c_void_p)
+        # lun, lba, num_blocks (0: all), syncnv, immed, cb, private
+        self.synchronizecache10_task = d(lib, "iscsi_synchronizecache10_task", _task, _ctx,
+                                         _int, _int, _int, _int, _int, _COMMAND_CB,
+                                         ctypes.c_void_p)
         self.free_scsi_task = d(lib, "scsi_free_scsi_task", None, _task)
 
     def error_text(self, ctx: int) -> str:
@@ -835,6 +844,18 @@ class _Context:
             self.ctx, wire_lun, lba, length, block_size, 0, 0, 0, 0, 0, self._callback, token)
 
 
+    def q_write(self, wire_lun: int, lba: int, buffer: ctypes.Array[ctypes.c_ubyte],
+                block_size: int) -> Callable[[int], int | None]:
+        # The closure holds ``buffer`` for as long as the op (and any retry) may send it.
+        return lambda token: self._lib.write16_task(
+            self.ctx, wire_lun, lba, ctypes.addressof(buffer), len(buffer), block_size, 0, 0,
+            0, 0, 0, self._callback, token)
+
+    def q_sync(self, wire_lun: int) -> Callable[[int], int | None]:
+        return lambda token: self._lib.synchronizecache10_task(
+            self.ctx, wire_lun, 0, 0, 0, 0, self._callback, token)
+
+
 def _copy_discovery(address: int) -> list[DiscoveredTarget]:
     """Copy libiscsi's SendTargets list; it is freed as soon as the callback returns."""
     targets: list[DiscoveredTarget] = []
@@ -1039,6 +1060,40 @@ class Session:
         data = b"".join(parts)
         skip = offset - first * block_size
         return data[skip:skip + length]
+
+
+    def write(self, lun: int, offset: int, data: bytes, *, block_size: int | None = None,
+              timeout: float | None = None) -> None:
+        """Write ``data`` (whole blocks) at byte ``offset`` (a block boundary) of the LU:
+        WRITE(16) in chunks of at most 1 MiB queued together, then SYNCHRONIZE CACHE, so the
+        bytes are durable when it returns."""
+        if offset < 0:
+            raise ValueError("offset must not be negative")
+        if not data:
+            return
+        context = self._live()
+        if block_size is None:
+            block_size = self.capacity(lun, timeout=timeout).logical_block_size
+        if offset % block_size or len(data) % block_size:
+            raise ValueError(f"writes are whole {block_size}-byte blocks")
+        step = max(1, _MAX_READ_CHUNK // block_size) * block_size
+        wire = scsi.encode_lun(lun)
+        deadline = self._deadline(timeout)
+        view = memoryview(data)
+        ops = []
+        for start in range(0, len(data), step):
+            piece = view[start:start + step]
+            buffer = (ctypes.c_ubyte * len(piece)).from_buffer_copy(piece)
+            ops.append(context.submit("write", lun, context.q_write(
+                wire, (offset + start) // block_size, buffer, block_size)))
+        ops.append(context.submit("synchronize cache", lun, context.q_sync(wire)))
+        for op in ops:
+            done = context.run(op, deadline)
+            while context.retryable(done):
+                done = context.run(context.retry(done), deadline)
+            error = context.check(done)
+            if error is not None:
+                raise error
 
 
 def _full_length(data: bytes, page: int | None) -> int:

@@ -1,5 +1,6 @@
-"""A local block device for a LUN, for the few operations that need one (LVM metadata, writing
-an ISO's bytes), on hosts that reach their LUNs only through the user-space initiator.
+"""A local block device for a LUN, for the few operations that need one (LVM metadata; the
+bytes of an upload go over the initiator's own session instead), on hosts that reach their
+LUNs only through the user-space initiator.
 
 With the kernel initiator the LUN already is a block device: ``/dev/mapper/<GUID>``, nothing to
 do. With the user-space one there is none, so we make one for the duration of one operation:

@@ -164,6 +164,18 @@ class UserspaceInitiator(Initiator):
                                           min(timeout, self.probe_login_timeout)) as session:
             return session.read(path.lun, offset, length, timeout=_left(deadline))
 
+    def write(self, device: Device, offset: int, data: bytes, *, timeout: float) -> bool:
+        """WRITE(16) and SYNCHRONIZE CACHE on one session of the device's first path."""
+        if not device.paths:
+            raise InitiatorError("not-found", f"{device.guid} has no path")
+        path = device.paths[0]
+        deadline = time.monotonic() + timeout
+        with _translated(), self._session(path.connection,
+                                          min(timeout, self.probe_login_timeout)) as session:
+            session.write(path.lun, offset, data, block_size=device.logical_block_size or None,
+                          timeout=_left(deadline))
+        return True
+
     def read_many(self, requests: list[tuple[Device, int, int]], *,
                   timeout: float) -> list[bytes]:
         """Every request's bytes, with one session per target and all its reads pipelined.

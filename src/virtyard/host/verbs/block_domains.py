@@ -306,8 +306,10 @@ def write_volume(agent: HostAgent, p: WriteParams) -> WriteResult:
     write is idempotent), then ``Volume.verify`` with the ISO's size and SHA-256, which reads
     the bytes back from the array and marks the volume READY. Chosen over a streaming HTTP
     endpoint because it needs nothing beyond the JSON-RPC channel (same TLS, same errors) and
-    a failed chunk is simply sent again. Each write makes a local device of the LUN for its
-    duration only. Refused on a READY volume (213) and while the volume is prepared (203).
+    a failed chunk is simply sent again. Each write is durable when it returns: with the
+    user-space initiator it goes over the agent's own iSCSI session (WRITE(16), then
+    SYNCHRONIZE CACHE; no local device), with the kernel one to the LUN's multipath device.
+    Refused on a READY volume (213) and while the volume is prepared (203).
     """
     data = base64.b64decode(p.data, validate=True)
     agent.volumes.write(p.pdiv, p.offset, data)

@@ -58,6 +58,9 @@ def add_host(req: ApiRequest) -> Model:
     missing = [f for f in ("name", "address") if not body.get(f)]
     if missing:
         raise incomplete("Host", *missing)
+    if (body.get("power_management") or {}).get("enabled"):  # agents come after the host
+        raise ApiError.from_command(errors.CommandError(
+            errors.HOST_NO_POWER_MANAGEMENT, "add", "Host", name=str(body["name"])[:255]))
     cluster = body.get("cluster") or {}
     host = run(AddHost(name=body["name"], address=body["address"],
                        port=body.get("port") or DEFAULT_AGENT_PORT,

@@ -9,9 +9,24 @@ from virtyard.engine.api.routing import ASYNC, ROUTES, ApiRequest
 from virtyard.engine.api.types.base import Model
 from virtyard.engine.api.types.disks import DISK
 from virtyard.engine.commands.base import run
+from virtyard.engine.commands.image_disks import AddIsoDisk
 from virtyard.engine.commands.lun_disks import AddLunDisk, RemoveDisk
 from virtyard.engine.commands.storage import DEFAULT_PORT, Portal
 from virtyard.engine.queries import disks as queries
+
+
+def unit_portal(unit: dict[str, Any], storage: dict[str, Any]) -> Portal | None:
+    """The target a ``<logical_unit>`` names (its own fields, else its ``<storage>``'s), or
+    None when it names none (the engine may know the LUN's target already)."""
+    address = unit.get("address") or storage.get("address")
+    target = unit.get("target") or storage.get("target")
+    if not (address or target):
+        return None
+    return Portal(
+        address=address or "", port=unit.get("port") or storage.get("port") or DEFAULT_PORT,
+        target=target or "", portal=str(unit.get("portal") or storage.get("portal") or "1"),
+        user=unit.get("username") or storage.get("username") or "",
+        password=unit.get("password") or storage.get("password") or "")
 
 
 def lun_disk_command(body: dict[str, Any]) -> AddLunDisk:
@@ -27,15 +42,8 @@ def lun_disk_command(body: dict[str, Any]) -> AddLunDisk:
     if len(units) != 1 or not units[0].get("id"):
         raise incomplete("Disk", "lun_storage.logical_units[0].id")
     unit = units[0]
-    portals = []
-    address = unit.get("address") or storage.get("address")
-    target = unit.get("target") or storage.get("target")
-    if address or target:
-        portals.append(Portal(
-            address=address or "", port=unit.get("port") or storage.get("port") or DEFAULT_PORT,
-            target=target or "", portal=str(unit.get("portal") or storage.get("portal") or "1"),
-            user=unit.get("username") or storage.get("username") or "",
-            password=unit.get("password") or storage.get("password") or ""))
+    portal = unit_portal(unit, storage)
+    portals = [portal] if portal is not None else []
     host = storage.get("host") or {}
     sgio = body.get("sgio")
     return AddLunDisk(wwid=unit["id"], portals=portals, alias=body.get("alias") or
@@ -47,11 +55,35 @@ def lun_disk_command(body: dict[str, Any]) -> AddLunDisk:
 
 @ROUTES.post("/disks", body=DISK, returns=DISK, status=201, query=(ASYNC,))
 def add_disk(req: ApiRequest) -> Model:
-    """Add a SAN LUN (by WWID) as a disk. The same WWID again, with nothing that disagrees,
-    answers with the existing disk."""
-    added = run(lun_disk_command(req.body or {}), req.ctx())
+    """Add a SAN LUN (by WWID) as a disk (the same WWID again, with nothing that disagrees,
+    answers with the existing disk), or an empty ISO disk on a storage domain
+    (``content_type=iso``, ``provisioned_size``, ``storage_domains``) to upload into."""
+    body = req.body or {}
+    if not body.get("lun_storage") and body.get("content_type") == "iso":
+        disk_id = run(iso_disk_command(body), req.ctx())
+        with req.services.db.read() as tx:
+            return queries.get_disk(tx, disk_id)
+    added = run(lun_disk_command(body), req.ctx())
     with req.services.db.read() as tx:
         return queries.get_disk(tx, added.disk_id)
+
+
+def iso_disk_command(body: dict[str, Any]) -> AddIsoDisk:
+    """The command for an ISO ``<disk>``: a size and one storage domain (upload_disk.py's)."""
+    if body.get("provisioned_size") is None:
+        raise incomplete("Disk", "provisioned_size")
+    domains = body.get("storage_domains") or ([body["storage_domain"]]
+                                              if body.get("storage_domain") else [])
+    if len(domains) != 1 or not (domains[0].get("id") or domains[0].get("name")):
+        raise incomplete("Disk", "storage_domains.storage_domain[0].id|name")
+    return AddIsoDisk(alias=body.get("alias") or body.get("name") or "",
+                      provisioned_size=int(body["provisioned_size"]),
+                      domain_id=str(domains[0].get("id") or ""),
+                      domain_name=str(domains[0].get("name") or ""),
+                      description=body.get("description") or "",
+                      disk_format=body.get("format") or "raw",
+                      wipe_after_delete=bool(body.get("wipe_after_delete")),
+                      disk_id=str(body.get("id") or ""))
 
 
 @ROUTES.delete("/disks/{id}", query=(ASYNC,))

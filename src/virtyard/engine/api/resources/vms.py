@@ -1,11 +1,11 @@
-"""``/vms``: list, get, add, remove; a VM's disk attachments and its CD-ROM (read)."""
+"""``/vms``: list, get, add, remove; a VM's disk attachments and its CD-ROM (show, load, eject)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from virtyard.engine.api import follow
-from virtyard.engine.api.faults import bad_request, incomplete
+from virtyard.engine.api.faults import bad_request, incomplete, not_found
 from virtyard.engine.api.routing import (
     ALL_CONTENT,
     ASYNC,
@@ -20,6 +20,9 @@ from virtyard.engine.api.types.base import Model
 from virtyard.engine.api.types.disks import CDROM, DISK_ATTACHMENT
 from virtyard.engine.api.types.vms import VM
 from virtyard.engine.commands.base import run
+from virtyard.engine.commands.cd_media import CDROM_ID
+from virtyard.engine.commands.cdrom import ChangeCd, SetNextRunCd
+from virtyard.engine.commands.update_vm import UpdateVm
 from virtyard.engine.commands.vms import AddVm, Ref, RemoveVm
 from virtyard.engine.queries import disks as _disks  # noqa: F401  (registers follow=…disk)
 from virtyard.engine.queries import vms as queries
@@ -96,6 +99,24 @@ def add_vm(req: ApiRequest) -> Model:
         return queries.get_vm(tx, vm.id)
 
 
+@ROUTES.put("/vms/{id}", body=VM, returns=VM, query=(ASYNC, NEXT_RUN))
+def update_vm(req: ApiRequest) -> Model:
+    """Update a VM: name, description, comment, memory, CPU topology, high availability
+    (only what the body names; memory and CPU of a running VM apply at its next run)."""
+    body = req.body or {}
+    topology = (body.get("cpu") or {}).get("topology") or {}
+    ha = body.get("high_availability") or {}
+    args = {arg: value for arg, value in (
+        ("name", body.get("name")), ("description", body.get("description")),
+        ("comment", body.get("comment")), ("memory", body.get("memory")),
+        ("sockets", topology.get("sockets")), ("cores", topology.get("cores")),
+        ("threads", topology.get("threads")), ("ha_enabled", ha.get("enabled")),
+        ("ha_priority", ha.get("priority"))) if value is not None}
+    run(UpdateVm(req.path["id"], **args), req.ctx())
+    with req.services.db.read() as tx:
+        return queries.get_vm(tx, req.path["id"])
+
+
 @ROUTES.delete("/vms/{id}", query=(ASYNC, DETACH_ONLY, FORCE))
 def remove_vm(req: ApiRequest) -> None:
     """Remove a VM that is down with its disks (``detach_only=true``: keep the disks; a disk
@@ -136,3 +157,23 @@ def get_cdrom(req: ApiRequest) -> Model:
     with req.services.db.read() as tx:
         return queries.get_cdrom(tx, req.path["id"], req.path["cdrom_id"],
                                  current=req.flag("current"), tree=tree)
+
+
+@ROUTES.put("/vms/{id}/cdroms/{cdrom_id}", body=CDROM, returns=CDROM, query=(CURRENT,))
+def update_cdrom(req: ApiRequest) -> Model:
+    """Load, change or eject the CD: ``current=true`` on the running VM (atomically, on its
+    host), else for the next run. ``<file id=""/>`` ejects; a ``<file/>`` without an id
+    leaves the next run's CD as it is (as oVirt does)."""
+    body = req.body or {}
+    if req.path["cdrom_id"] != CDROM_ID:
+        raise not_found("CD-ROM", req.path["cdrom_id"][:64])
+    if "file" not in body:
+        raise incomplete("Cdrom", "file", action="update")
+    file_id = (body.get("file") or {}).get("id")
+    current = req.flag("current")
+    if current:
+        run(ChangeCd(req.path["id"], str(file_id or "")), req.ctx())
+    elif file_id is not None:
+        run(SetNextRunCd(req.path["id"], str(file_id)), req.ctx())
+    with req.services.db.read() as tx:
+        return queries.get_cdrom(tx, req.path["id"], CDROM_ID, current=current)

@@ -1,0 +1,1 @@
+"""Image transfers: uploads of ISO images into image disks, as oVirt's clients make them."""
