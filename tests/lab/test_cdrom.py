@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -174,6 +175,20 @@ def test_create_with_a_loaded_cd_and_destroy_releases_it(lab: Lab, host_client: 
         iso_domain.a.pdiv["volumeID"]: [f"{vm_id}:{CD_NAME}"]}
     host_client.call("VM.destroy", {"vmID": vm_id})
     assert holders(host_client, iso_domain.domain_id) == {}
+
+
+def test_a_vm_that_dies_by_itself_releases_its_cd_at_once(
+        lab: Lab, host_client: HostClient, iso_domain: IsoDomain,
+        cd_vm: Callable[..., str]) -> None:
+    host_client.call("Host.getEvents", {"since": 0, "timeout": 0})  # the agent follows VMs
+    vm_id = cd_vm(iso_domain.a.pdiv)
+    assert holders(host_client, iso_domain.domain_id) == {
+        iso_domain.a.pdiv["volumeID"]: [f"{vm_id}:{CD_NAME}"]}
+    domain(lab, vm_id).destroy()  # QEMU gone behind the agent's back (a crash, say)
+    deadline = time.monotonic() + 10
+    while holders(host_client, iso_domain.domain_id) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert holders(host_client, iso_domain.domain_id) == {}  # not at the next agent start
 
 
 def test_two_vms_share_one_iso(lab: Lab, host_client: HostClient, iso_domain: IsoDomain,

@@ -311,3 +311,39 @@ def test_vms_already_running_at_start_are_the_baseline_not_events(
         assert events.log.read(since).events == []
     finally:
         dom.destroy()
+
+
+def test_a_vm_that_stops_by_itself_lets_go_of_its_holds_first(
+        test_conn: libvirt.virConnect) -> None:
+    released: list[tuple[str, bool]] = []
+    vms = VmManager(LibvirtConnection(TEST_URI), drives=None,  # type: ignore[arg-type]
+                    virt_type="qemu")
+    events = VmEvents(vms, started_at=time.time(), period=0.2)
+
+    def release(vm_id: str) -> None:  # what the agent does: drop the VM's volume holds
+        released.append((vm_id, bool(events.log.read(0).events)
+                         and any(e.status == "Down" and e.vm_id == vm_id
+                                 for e in events.log.read(0).events)))
+
+    vms.release = release
+    events.start()
+    try:
+        since = events.log.read(0).seq
+        vm_id = str(uuid.uuid4())
+        dom = test_conn.createXML(_domain_xml(vm_id), 0)
+        since, _ = _next(events, since, vm_id)
+        dom.destroy()  # behind the agent's back, as a QEMU crash or a guest poweroff
+        since, [down] = _next(events, since, vm_id)
+        assert down.status == "Down"
+        assert released == [(vm_id, False)]  # released before the engine could hear of it
+
+        # A VM someone holds (a destroy or a create in progress) is theirs to release.
+        busy = str(uuid.uuid4())
+        dom = test_conn.createXML(_domain_xml(busy), 0)
+        since, _ = _next(events, since, busy)
+        with vms.locks.hold([busy]):
+            dom.destroy()
+            since, [down] = _next(events, since, busy)
+        assert down.status == "Down" and [r for r in released if r[0] == busy] == []
+    finally:
+        events.stop()

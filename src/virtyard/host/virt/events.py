@@ -236,6 +236,9 @@ def _run_libvirt_event_loop() -> None:
             time.sleep(0.1)
 
 
+RELEASE_LOCK_WAIT = 0.5  # seconds the poll waits for a busy VM's lock
+
+
 class VmWatcher:
     """Follows this host's running domains and device changes into an :class:`EventLog`."""
 
@@ -365,6 +368,7 @@ class VmWatcher:
             self._missing.pop(vm_id, None)
             del self._seen[vm_id]
             if emit:
+                self._release_if_gone(vm_id)
                 self.events.append(vm_id, "status", "Down", seen.hash, reason or REASON_UNKNOWN)
         for vm_id, (dom, run_id, status) in running.items():
             if vm_id in self._seen:
@@ -385,6 +389,21 @@ class VmWatcher:
             for vm_id, (_reason, when) in list(self._reasons.items()):
                 if now - when > REASON_TTL:
                     del self._reasons[vm_id]
+
+    def _release_if_gone(self, vm_id: str) -> None:
+        """A VM that stopped by itself (guest shutdown, QEMU crash, a destroy behind the
+        agent's back) lets go of what it held — its CD's volume above all — now, not at the
+        next agent start (oVirt's BZ1868643 leak), and before the engine hears it is down.
+        Under the VM's lock and only while no new run of it exists; a VM someone is working
+        on right now (a destroy, a create) is theirs to release."""
+        try:
+            with self.vms.locks.hold([vm_id], timeout=RELEASE_LOCK_WAIT):
+                if self.vms.libvirt.lookup(vm_id) is None:
+                    self.vms.release(vm_id)
+        except TimeoutError:
+            log.info("VM %s went down while another call held it: left to that call", vm_id)
+        except Exception:  # the event still goes out; the next agent start cleans up
+            log.exception("VM %s went down; releasing what it held failed", vm_id)
 
     def _take_reason(self, vm_id: str) -> str | None:
         with self._lock:
