@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import threading
 from collections.abc import Callable, Sequence
@@ -536,6 +537,28 @@ def test_logout_flushes_a_map_it_left_without_paths(host: Host) -> None:
     host.script.expect(node(portal, "-u"), then=gone)
     host.script.expect(node(portal, "--op=delete"))
     host.script.expect(["multipath", "-f", W1])
+    host.initiator.logout(C1, timeout=10)
+    host.script.done()
+
+
+def test_logout_removes_the_node_a_gone_map_left(host: Host) -> None:
+    """Seen in the storage host VM: the map went with its last path, but its /dev/mapper node
+    stayed (udev missed it). The logout makes the node agree with the kernel."""
+    session1, _ = split(SPEC, re.compile(r"session1$|connection1:0$"))
+    dm = host.root / "sys/devices/virtual/block/dm-1"
+    (host.dev / "mapper").mkdir()
+    (host.dev / "mapper" / W1).touch()
+
+    def gone() -> None:
+        for link in session1["links"]:
+            (host.root / link).unlink()
+        for rel in ("dm-1/slaves/sdb", "dm-1/slaves/sdd", "dm-2/slaves/sdc"):
+            (host.root / "sys/devices/virtual/block" / rel).unlink()
+        shutil.rmtree(dm)  # the map itself went (multipathd removed it)
+    portal = "192.0.2.10:3260,1"
+    host.script.expect(node(portal, "-u"), then=gone)
+    host.script.expect(node(portal, "--op=delete"))
+    host.script.expect(["dmsetup", "mknodes", W1])
     host.initiator.logout(C1, timeout=10)
     host.script.done()
 

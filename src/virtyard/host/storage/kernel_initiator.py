@@ -456,6 +456,33 @@ class KernelInitiator(Initiator):
             self.iscsiadm.node_delete(portal, iqn, tpgt, iface=iface,
                                       timeout=self._left(deadline))
         self._flush_pathless(served, deadline)
+        self._drop_stale_nodes(served, deadline)
+
+    def _drop_stale_nodes(self, names: set[str], deadline: float) -> None:
+        """Remove ``/dev/mapper`` nodes left by maps of ``names`` that are gone.
+
+        udev removes a map's node when the map goes, but not always in time: seen for real in
+        the storage host VM (the map gone, its node still there a minute later) — a stale
+        device every later scan trips over. ``dmsetup mknodes NAME`` makes the node agree
+        with the kernel: it removes it when no such map exists (and keeps it if a new login
+        made the map again meanwhile).
+        """
+        live = {m.name for m in self.sysfs.multipath_maps()}
+        for name in sorted(names - live):
+            if not (self.dev_root / "mapper" / name).exists():
+                continue
+            argv = ["dmsetup", "mknodes", name]
+            try:
+                result = self.runner(argv, timeout=min(PROBE_TIMEOUT, max(self._left(deadline),
+                                                                           1.0)))
+            except (OSError, IscsiadmError) as e:
+                log.warning("cannot remove the stale node of map %s: %s", name, e)
+                continue
+            if result.returncode != 0:
+                log.warning("removing the stale node of map %s failed (%s): %s", name,
+                            result.returncode, result.stderr.strip()[-300:])
+            else:
+                log.info("removed /dev/mapper/%s, left by a map that is gone", name)
 
     def _flush_pathless(self, names: set[str], deadline: float) -> None:
         """Remove the maps of ``names`` that the logout left without any path.
