@@ -803,26 +803,39 @@ def _add_base(stage: Stage, ctx: BuildContext, kernel_root: Path) -> list[str]:
 
 
 def _add_modules(stage: Stage, kernel_root: Path, release: str) -> list[str]:
+    plain, modules_dep = decompress_modules(kernel_root, release, REQUIRED_MODULES,
+                                            OPTIONAL_MODULES, stage.root / "lib/modules" / release)
+    # A modules.dep for what is in the image, so busybox modprobe works when debugging.
+    stage.add_text(f"/lib/modules/{release}/modules.dep", modules_dep)
+    return plain
+
+
+def decompress_modules(kernel_root: Path, release: str, required: tuple[str, ...],
+                       optional: tuple[str, ...], into: Path) -> tuple[list[str], str]:
+    """The ``required`` modules, the ``optional`` ones the kernel has, and what they depend
+    on, decompressed from the unpacked kernel package into ``into`` (as ``.ko``, at their
+    paths in the kernel's module tree). Returns their paths in load order and a
+    ``modules.dep`` for just them."""
     moddir = kernel_root / "lib/modules" / release
     if not moddir.is_dir():
         raise GuestBuildError(f"the kernel package has no modules for {release}")
     builtin_file = moddir / "modules.builtin"
     builtin = builtin_file.read_text().split() if builtin_file.exists() else []
-    deps = modules_dep_of_tree(moddir, [*REQUIRED_MODULES, *OPTIONAL_MODULES])
-    order = module_closure(deps, REQUIRED_MODULES, OPTIONAL_MODULES, builtin=builtin)
+    deps = modules_dep_of_tree(moddir, [*required, *optional])
+    order = module_closure(deps, required, optional, builtin=builtin)
     plain: list[str] = []
     for rel in order:
         target = rel
         for suffix in _MODULE_SUFFIXES[:-1]:
             if target.endswith(suffix):
                 target = target[: -len(suffix)] + ".ko"
-        _decompressed_module(moddir / rel, stage.path(f"/lib/modules/{release}/{target}"))
+        dest = into / target
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _decompressed_module(moddir / rel, dest)
         plain.append(target)
     renamed = dict(zip(order, plain, strict=True))
     subset = {renamed[p]: [renamed.get(d, d) for d in deps[p]] for p in order}
-    # A modules.dep for what is in the image, so busybox modprobe works when debugging.
-    stage.add_text(f"/lib/modules/{release}/modules.dep", render_modules_dep(subset))
-    return plain
+    return plain, render_modules_dep(subset)
 
 
 def _build_into(out: Path, flavour: Flavour, packages: dict[str, str],

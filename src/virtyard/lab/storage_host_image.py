@@ -28,18 +28,14 @@ from pathlib import Path
 
 from virtyard.lab.errors import CommandError, GuestBuildError, MissingPackageError
 from virtyard.lab.guest_image import (
-    _MODULE_SUFFIXES,
     Stage,
     _apt_candidates,
-    _decompressed_module,
     _download,
     _remove_stale_builds,
     cache_key,
+    decompress_modules,
     installed_versions,
     kernel_package_from_depends,
-    module_closure,
-    modules_dep_of_tree,
-    render_modules_dep,
     write_cpio,
 )
 from virtyard.lab.process import STATIC_BUSYBOX, require, run
@@ -126,26 +122,10 @@ def hash_text(text: str) -> str:
 def _add_modules(extra: Path, kernel_root: Path, release: str) -> list[str]:
     """The wanted modules, decompressed, into ``extra/lib/modules/<release>``, with indexes."""
     moddir = kernel_root / "lib/modules" / release
-    if not moddir.is_dir():
-        raise GuestBuildError(f"the kernel package has no modules for {release}")
-    builtin_file = moddir / "modules.builtin"
-    builtin = builtin_file.read_text().split() if builtin_file.exists() else []
-    deps = modules_dep_of_tree(moddir, [*REQUIRED_MODULES, *OPTIONAL_MODULES])
-    order = module_closure(deps, REQUIRED_MODULES, OPTIONAL_MODULES, builtin=builtin)
     target_dir = extra / "lib/modules" / release
-    plain: list[str] = []
-    for rel in order:
-        target = rel
-        for suffix in _MODULE_SUFFIXES[:-1]:
-            if target.endswith(suffix):
-                target = target[: -len(suffix)] + ".ko"
-        dest = target_dir / target
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        _decompressed_module(moddir / rel, dest)
-        plain.append(target)
-    renamed = dict(zip(order, plain, strict=True))
-    subset = {renamed[p]: [renamed.get(d, d) for d in deps[p]] for p in order}
-    (target_dir / "modules.dep").write_text(render_modules_dep(subset))
+    plain, modules_dep = decompress_modules(kernel_root, release, REQUIRED_MODULES,
+                                            OPTIONAL_MODULES, target_dir)
+    (target_dir / "modules.dep").write_text(modules_dep)
     for name in ("modules.builtin", "modules.order", "modules.builtin.modinfo"):
         if (moddir / name).exists():
             shutil.copyfile(moddir / name, target_dir / name)
