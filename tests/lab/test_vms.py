@@ -19,6 +19,7 @@ from virtyard.lab import qga
 from virtyard.lab.guest_image import DEFAULT_CMDLINE
 from virtyard.lab.iscsi_target import TargetInfo
 from virtyard.lab.lab import Lab
+from virtyard.lab.process import wait_until
 
 pytestmark = pytest.mark.lab
 
@@ -147,9 +148,18 @@ def test_hotplug_and_unplug_change_the_guest_and_the_hash(
     all_stats = {s["vmId"]: s for s in clients[0].call("Host.getAllVmStats", {})}
     assert all_stats[vm_id]["hash"] != before["hash"]
 
+    log = lab.agents[0].log_path
+    log_start = log.stat().st_size
     unplugged = clients[0].call("VM.hotunplugDisk", {"vmID": vm_id,
                                                      "drive": {"GUID": target.wwid(2)}})
     assert target.wwid(2) not in {d["GUID"] for d in unplugged["devices"]}
+    # libvirt's device-removed event reached the agent (what an unplug sleeps on).
+    def since_unplug() -> str:
+        with log.open("rb") as f:
+            f.seek(log_start)
+            return f.read().decode(errors="replace")
+    assert wait_until(lambda: f"VM {vm_id}: libvirt removed device " in since_unplug(),
+                      timeout=30), since_unplug()
     wait_path(dom, "/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_second", present=False)
     [after_unplug] = clients[0].call("VM.getStats", {"vmID": vm_id})
     assert after_unplug["hash"] not in (before["hash"], after_plug["hash"])

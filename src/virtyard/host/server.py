@@ -23,6 +23,7 @@ from virtyard.host.config import ConfigError, HostConfig, load_config
 from virtyard.host.rpc.errors import InvalidRequestError
 from virtyard.host.rpc.jsonrpc import MAX_BODY, Dispatcher
 from virtyard.host.verbs import SCHEMA
+from virtyard.host.verbs.events import vm_events
 
 log = logging.getLogger("virtyard.hostd")
 
@@ -48,6 +49,7 @@ def serve(config: HostConfig, agent: HostAgent | None = None) -> None:
     """Run the agent until interrupted."""
     agent = agent or HostAgent(config)
     agent.recover()
+    vm_events(agent)  # libvirt's events followed from the start, not from the first long-poll
     dispatcher = Dispatcher(SCHEMA, agent, workers=config.server.workers)
     for path in (config.server.cert, config.server.key, config.server.ca):
         if not path.exists():

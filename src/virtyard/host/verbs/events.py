@@ -11,9 +11,11 @@ engine keeps one long-poll open per host, so it costs one worker of 32; a second
 stuck client) costs another. Shutting the agent down waits for open long-polls to answer
 (uvicorn's graceful shutdown): at most their ``timeout``.
 
-The service (:class:`~virtyard.host.virt.events.VmEvents`) is started by the first call and
-then follows the VMs for the agent's life; that first call's answer is a reset (its ``since``
-is not of this run), so nothing that happened before it is needed.
+The service (:class:`~virtyard.host.virt.events.VmEvents`) is started when the agent starts
+(by the first call where no server started it, as in tests) and then follows the VMs for the
+agent's life — so a VM that stops by itself lets go of its CD, and a hot-unplug hears
+libvirt's device-removed event, even before any engine asks. A reader's first answer is a
+reset (its ``since`` is not of this run), so nothing that happened before it is needed.
 """
 
 from __future__ import annotations

@@ -36,6 +36,11 @@ killed QEMU stays a zombie until its parent (PID 1: QEMU is daemonised) reaps it
 waits for that. With systemd as PID 1 that is immediate; an init that reaps lazily delays
 libvirt, and so these events, by as long.
 
+**Device events.** The same connection carries libvirt's device-removed and
+device-removal-failed events, handed to the hot-unplugs waiting for them
+(:mod:`virtyard.host.virt.device_events`; no XML re-parsing loop), and qemu-guest-agent's
+connected event, which asks the new agent for the guest's disk names at once.
+
 **Device changes.** Every device change (hot-plug, unplug, a new guest disk name, a CD change)
 writes our metadata with a new generation through :meth:`VmManager.write_metadata`, which tells
 the watcher the VM's new ``hash``. The event is emitted only once the VM's lock is free again,
@@ -261,7 +266,7 @@ class VmWatcher:
         self._baseline = False
         self._poll_failing = False
         self._conn: libvirt.virConnect | None = None
-        self._callback_id: int | None = None
+        self._callback_ids: list[int] = []
         self._events_live = False
         self._next_connect = 0.0
 
@@ -293,7 +298,34 @@ class VmWatcher:
         log.warning("libvirt event connection closed (reason %s); polling only until it is "
                     "back", reason)
         self._events_live = False
+        self.vms.removals.live = False
         self._wake.set()
+
+    def _on_device_removed(self, _conn: Any, dom: Any, alias: str, _opaque: Any) -> None:
+        """libvirt's event thread: a device left a VM (a hot-unplug waits for this)."""
+        try:
+            vm_id = dom.UUIDString()
+            log.info("VM %s: libvirt removed device %s", vm_id, alias)
+            self.vms.removals.removed(vm_id, alias)
+        except Exception:  # never raise into libvirt's event loop
+            log.exception("device-removed event for %s not understood", alias)
+
+    def _on_device_removal_failed(self, _conn: Any, dom: Any, alias: str,
+                                  _opaque: Any) -> None:
+        try:
+            self.vms.removals.removal_failed(dom.UUIDString(), alias)
+        except Exception:
+            log.exception("device-removal-failed event for %s not understood", alias)
+
+    def _on_guest_agent(self, _conn: Any, dom: Any, state: int, _reason: int,
+                        _opaque: Any) -> None:
+        """qemu-guest-agent connected in a guest: ask it for the guest's disk names now
+        rather than at its next period."""
+        try:
+            if state == libvirt.VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_STATE_CONNECTED:
+                self.vms.devices_changed(dom.UUIDString())
+        except Exception:
+            log.exception("guest agent event not understood")
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -443,28 +475,36 @@ class VmWatcher:
         try:
             with contextlib.suppress(libvirt.libvirtError):  # not every driver keeps alive
                 conn.setKeepAlive(5, 3)
-            self._callback_id = conn.domainEventRegisterAny(
-                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
+            for event_id, callback in (
+                    (libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle),
+                    (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._on_device_removed),
+                    (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED,
+                     self._on_device_removal_failed),
+                    (libvirt.VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE, self._on_guest_agent)):
+                self._callback_ids.append(
+                    conn.domainEventRegisterAny(None, event_id, callback, None))
             conn.registerCloseCallback(self._on_close, None)
         except libvirt.libvirtError as exc:
-            log.warning("libvirt lifecycle events unavailable: %s", exc)
-            with contextlib.suppress(libvirt.libvirtError):
-                conn.close()
+            log.warning("libvirt domain events unavailable: %s", exc)
+            self._conn = conn
+            self._disconnect_events()
             return
         self._conn = conn
         self._events_live = True
+        self.vms.removals.live = True
         self._wake.set()  # catch up on whatever happened without events
-        log.info("following libvirt lifecycle events on %s", self.vms.libvirt.uri)
+        log.info("following libvirt domain events on %s", self.vms.libvirt.uri)
 
     def _disconnect_events(self) -> None:
         conn, self._conn = self._conn, None
         self._events_live = False
+        self.vms.removals.live = False
         if conn is None:
             return
-        with contextlib.suppress(libvirt.libvirtError):
-            if self._callback_id is not None:
-                conn.domainEventDeregisterAny(self._callback_id)
-        self._callback_id = None
+        for callback_id in self._callback_ids:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.domainEventDeregisterAny(callback_id)
+        self._callback_ids = []
         with contextlib.suppress(libvirt.libvirtError):
             conn.unregisterCloseCallback()
         with contextlib.suppress(libvirt.libvirtError):

@@ -3,8 +3,9 @@
 Plug: check the dict against the VM's disks, check this host sees the LUN, record the device
 in our metadata (with a new generation), then attach; if libvirt refuses, the metadata goes
 back as it was. A crash between the two leaves only a metadata entry for a disk that is not
-there, which nothing reads. Unplug: detach, wait (bounded) until the guest has released the
-device and it is gone from the live XML, then drop its metadata entry (new generation).
+there, which nothing reads. Unplug: detach, wait (bounded) for libvirt's device-removed event
+(:mod:`virtyard.host.virt.device_events`), confirm the device is gone from the live XML, then
+drop its metadata entry (new generation).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any
 import libvirt
 
 from virtyard.host.rpc.errors import HotplugDiskError, HotunplugDiskError, InvalidParamsError
-from virtyard.host.virt.domain_xml import DomainDisk, drive_name
+from virtyard.host.virt.device_events import Removal
+from virtyard.host.virt.domain_xml import USER_ALIAS_PREFIX, DomainDisk, drive_name
 from virtyard.host.virt.drives import DriveNotVisibleError
 from virtyard.host.virt.vm_params import parse_disks
 from virtyard.host.virt.vms import VmManager, VmSnapshot
@@ -75,6 +77,33 @@ def _find(snapshot: VmSnapshot, drive: dict[str, Any]) -> DomainDisk:
                                  vmId=snapshot.vm_id) from None
 
 
+def live_alias(disk: DomainDisk) -> str | None:
+    """The alias libvirt names the disk by in its events (``ua-<diskId>`` for ours)."""
+    if disk.device.alias:
+        return disk.device.alias
+    return f"{USER_ALIAS_PREFIX}{disk.device.disk_id}" if disk.device.disk_id else None
+
+
+def _wait_gone(manager: VmManager, dom: libvirt.virDomain, disk: DomainDisk, removal: Removal,
+               timeout: float) -> VmSnapshot:
+    """Sleep until libvirt says the disk is gone (or refused), then confirm in the live XML;
+    bounded by ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = manager.snapshot(dom)
+        if all(d.name != disk.name for d in now.domain.disks):
+            return now
+        if removal.refused:
+            raise HotunplugDiskError(f"the guest refused to release {disk.name}; it stays "
+                                     "attached", vmId=now.vm_id)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise HotunplugDiskError(
+                f"the guest did not release {disk.name} within {timeout:g} s; it stays "
+                "attached until the guest lets it go", vmId=now.vm_id)
+        removal.wait(min(left, manager.removals.poll_period()))
+
+
 def hotunplug_disk(manager: VmManager, vm_id: str, drive: dict[str, Any], *,
                    timeout: float = UNPLUG_TIMEOUT) -> VmSnapshot:
     """Detach the disk ``drive`` names (by ``GUID``, or ``iface`` + ``index``)."""
@@ -82,22 +111,19 @@ def hotunplug_disk(manager: VmManager, vm_id: str, drive: dict[str, Any], *,
         dom = manager.domain(vm_id)
         before = manager.snapshot(dom)
         disk = _find(before, drive)
-        try:
-            dom.detachDeviceFlags(disk.to_xml(), libvirt.VIR_DOMAIN_AFFECT_LIVE)
-        except libvirt.libvirtError as exc:
-            raise HotunplugDiskError(f"libvirt refused to unplug {disk.name}: "
-                                     f"{exc.get_error_message()}", vmId=vm_id) from None
-        deadline = time.monotonic() + timeout
-        while True:
-            now = manager.snapshot(dom)
-            if all(d.name != disk.name for d in now.domain.disks):
-                break
-            if time.monotonic() >= deadline:
-                raise HotunplugDiskError(
-                    f"the guest did not release {disk.name} within {timeout:g} s; it stays "
-                    "attached until the guest lets it go", vmId=vm_id)
-            time.sleep(0.05)
+        alias = live_alias(disk)
+        with manager.removals.expect(vm_id, alias) as removal:
+            try:
+                if alias is not None:  # asynchronous: the end is libvirt's event
+                    dom.detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+                else:
+                    dom.detachDeviceFlags(disk.to_xml(), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            except libvirt.libvirtError as exc:
+                raise HotunplugDiskError(f"libvirt refused to unplug {disk.name}: "
+                                         f"{exc.get_error_message()}", vmId=vm_id) from None
+            now = _wait_gone(manager, dom, disk, removal, timeout)
         manager.write_metadata(dom, now.metadata.with_device(disk.name, None).next_generation())
-        log.info("VM %s: unplugged %s", vm_id, disk.name)
+        log.info("VM %s: unplugged %s (%s)", vm_id, disk.name,
+                 "libvirt's device-removed event" if removal.reported else "seen in the live XML")
         manager.devices_changed(vm_id)
         return manager.snapshot(dom)

@@ -18,6 +18,7 @@ import libvirt
 
 from virtyard.host.rpc.errors import NoSuchVmError, VmCreateError, VmExistsError
 from virtyard.host.rpc.locks import KeyedLocks
+from virtyard.host.virt.device_events import DeviceRemovals
 from virtyard.host.virt.domain_xml import (
     QEMU_GA_CHANNEL,
     Channel,
@@ -104,6 +105,8 @@ class VmManager:
         self.release = release
         self.virt_type = virt_type
         self.locks = KeyedLocks()
+        # Hot-unplugs waiting for libvirt's device-removed events (fed by the watcher).
+        self.removals = DeviceRemovals()
 
     # -- lookup ---------------------------------------------------------------------------
 
