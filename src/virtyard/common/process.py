@@ -1,11 +1,11 @@
 """Run system tools with typed failures and bounded time — the one subprocess runner.
 
-A thin layer over :mod:`subprocess`: the host agent's iscsiadm and multipath wrappers and the
-lab's tools (tgtadm, libvirtd, apt-get, ...) call :func:`run`, so a failing tool always
-surfaces as :class:`CommandError` naming the command (secrets masked), and a missing one as
+A thin layer over :mod:`subprocess`: the host agent's tool wrappers (iscsiadm, multipath, LVM,
+the LUN-device helper's qemu-storage-daemon, losetup and umount) and the lab's tools (tgtadm,
+libvirtd, apt-get, ...) call :func:`run`, so a failing tool always surfaces as
+:class:`CommandError` naming the command (secrets masked), and a missing one as
 :class:`MissingPackageError` naming its Debian package. It lives here, not in the lab, because
-production code never imports the lab. (The agent's LVM and LUN-device helpers still call
-:mod:`subprocess` themselves.)
+production code never imports the lab.
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ PACKAGE_OF: dict[str, str] = {
     "unshare": "util-linux",
     "losetup": "util-linux",
     "mount": "mount",
+    "umount": "mount",
     "useradd": "passwd",
     "groupadd": "passwd",
     "dpkg-deb": "dpkg",
@@ -97,10 +98,14 @@ def run(
     cwd: Path | None = None,
     env: dict[str, str] | None = None,
     secrets: tuple[str, ...] = (),
+    pass_fds: tuple[int, ...] = (),
 ) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` to completion and return its result; raise :class:`CommandError` on failure.
 
-    Every string in ``secrets`` (a CHAP password, say) is masked in the error raised.
+    Every string in ``secrets`` (a CHAP password, say) is masked in the error raised. Standard
+    input is ``input_text``, else ``/dev/null`` (a tool never reads ours); ``pass_fds`` are
+    inherited by the tool (a pipe carrying a secret, say). With ``check=False`` only a timeout
+    raises (:class:`CommandError` with ``returncode`` -1).
     """
     exe = require(argv[0]) if "/" not in argv[0] else argv[0]
     full = [exe, *argv[1:]]
@@ -108,11 +113,13 @@ def run(
         proc = subprocess.run(
             full,
             input=input_text,
+            stdin=subprocess.DEVNULL if input_text is None else None,
             capture_output=True,
             text=True,
             timeout=timeout,
             cwd=cwd,
             env=env,
+            pass_fds=pass_fds,
             check=False,
         )
     except subprocess.TimeoutExpired:

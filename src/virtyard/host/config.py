@@ -48,6 +48,10 @@ class StorageConfig(_Section):
     # First bytes of each LUN read for signature probing (LVM label and mda header, MBR/GPT,
     # most filesystem superblocks); LVM metadata text further in is read only where needed.
     probe_bytes: int = Field(default=8192, ge=512, le=1 << 20)
+    # Whether LVM works with udev (udev_sync, udev_rules): "auto" asks the host (udev's control
+    # socket /run/udev/control exists); "off" where udev runs but cannot answer LVM (some
+    # containers), "on" to insist.
+    lvm_udev: Literal["auto", "on", "off"] = "auto"
 
 
 class LibvirtConfig(_Section):

@@ -293,11 +293,12 @@ class BlockDomains:
     """Block storage domains and their volumes on the LUNs this host sees."""
 
     def __init__(self, devices: DeviceService, initiator: Initiator, lun_devices: LunDevices,
-                 *, dm: bool, timeout: float) -> None:
+                 *, dm: bool, timeout: float, udev: bool = False) -> None:
         self.devices = devices
         self.initiator = initiator
         self.lun_devices = lun_devices
         self.dm = dm
+        self.udev = udev  # LVM works with udev (lvm.udev_setting)
         self.timeout = timeout
 
     # -- reading ------------------------------------------------------------------------
@@ -436,7 +437,7 @@ class BlockDomains:
                 except LunDeviceError as exc:
                     raise InaccessiblePhysDevError(str(exc), guid=device.guid) from None
                 paths.append(local.block_device)
-            yield Lvm(tuple(paths), dm=self.dm)
+            yield Lvm(tuple(paths), dm=self.dm, udev=self.udev)
 
     def _refresh_cache(self, guids: Sequence[str]) -> None:
         """Re-probe LUNs whose LVM metadata we changed, so the device list shows it at once."""

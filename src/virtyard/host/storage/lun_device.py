@@ -25,17 +25,19 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
+from virtyard.common import process
 from virtyard.host.storage.initiator import Device, Initiator
+
+if TYPE_CHECKING:
+    import subprocess
 
 log = logging.getLogger("virtyard.host.storage.lun_device")
 
@@ -111,12 +113,13 @@ def _mounted(path: str) -> bool:
 
 
 def _run(argv: list[str], timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """:func:`virtyard.common.process.run` returning any exit status; a missing program or a
+    timeout is a :class:`LunDeviceError`."""
     try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,
-                              stdin=subprocess.DEVNULL)
-    except FileNotFoundError:
-        raise LunDeviceError(f"{argv[0]} is missing") from None
-    except subprocess.TimeoutExpired:
+        return process.run(argv, timeout=timeout, check=False)
+    except process.MissingPackageError as exc:
+        raise LunDeviceError(f"{argv[0]} is missing (package {exc.package})") from None
+    except process.CommandError:  # with check=False: the timeout
         raise LunDeviceError(f"{argv[0]} timed out after {timeout:g} s") from None
 
 
@@ -327,7 +330,7 @@ class LunDevices:
             "initiator-name": connection.initiator_name or self.initiator_name}
         export = {"type": "fuse", "id": "export", "node-name": "lun",
                   "mountpoint": str(mountpoint), "writable": True}
-        argv = [shutil.which("qemu-storage-daemon") or "qemu-storage-daemon"]
+        argv = ["qemu-storage-daemon"]
         read_fd = -1
         if connection.chap is not None:
             read_fd, write_fd = os.pipe()
@@ -339,13 +342,12 @@ class LunDevices:
         argv += ["--blockdev", json.dumps(blockdev), "--export", json.dumps(export),
                  "--pidfile", str(pidfile), "--daemonize"]
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=self.timeout,
-                                  check=False, stdin=subprocess.DEVNULL,
-                                  pass_fds=(read_fd,) if read_fd >= 0 else ())
-        except subprocess.TimeoutExpired:
+            proc = process.run(argv, timeout=self.timeout, check=False,
+                               pass_fds=(read_fd,) if read_fd >= 0 else ())
+        except process.CommandError:  # with check=False: the timeout
             raise LunDeviceError(f"qemu-storage-daemon for LUN {device.guid} did not start "
                                  f"in {self.timeout:g} s") from None
-        except FileNotFoundError:
+        except process.MissingPackageError:
             raise LunDeviceError("qemu-storage-daemon is missing (package "
                                  "qemu-system-x86)") from None
         finally:

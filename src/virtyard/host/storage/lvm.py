@@ -7,8 +7,12 @@ nothing else, and keeps it from doing anything behind our back:
   ``--devices <dev>`` per device: no scan of the host's disks, no devices file, no udev database
   (a host with hundreds of LUNs must not pay for them, and LVM must not touch a VM's disk that
   happens to hold a PV);
-* ``activation { udev_sync=0 udev_rules=0 }``: no waiting on udev (lab hosts have none running);
-  where LVs are activated, libdevmapper creates the nodes itself;
+* ``activation { udev_sync=N udev_rules=N }``: from the host, not assumed. Where udev runs
+  (:func:`udev_running`: its control socket exists) LVM lets udev's rules create the ``/dev``
+  nodes and waits for them, as on any distribution, so a node is there when ``lvchange -ay``
+  returns and udev's database knows it. Where it does not (the lab's hosts, some containers)
+  both are 0: libdevmapper creates the nodes itself instead of waiting for a udev that never
+  answers. The agent's ``[storage] lvm_udev`` setting overrides the probe;
 * ``backup { backup=0 archive=0 }``: metadata backups in ``/etc/lvm`` of a VG that lives on a
   SAN and is changed by other hosts are stale at once and only leak names.
 
@@ -27,18 +31,31 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
+
+from virtyard.common import process
+
+if TYPE_CHECKING:
+    import subprocess
 
 log = logging.getLogger("virtyard.host.storage.lvm")
 
-LVM_CONFIG: Final = (
-    'devices { use_devicesfile=0 obtain_device_list_from_udev=0 hints="none" } '
-    "activation { udev_sync=0 udev_rules=0 } "
-    "backup { backup=0 archive=0 }")
+UDEV_CONTROL: Final = Path("/run/udev/control")
+
+
+def lvm_config(*, udev: bool) -> str:
+    """The ``--config`` of every command; ``udev``: whether udev runs on this host."""
+    flag = int(udev)
+    return ('devices { use_devicesfile=0 obtain_device_list_from_udev=0 hints="none" } '
+            f"activation {{ udev_sync={flag} udev_rules={flag} }} "
+            "backup { backup=0 archive=0 }")
+
+
+LVM_CONFIG: Final = lvm_config(udev=False)
+"""The configuration on a host without udev (what :class:`Lvm` uses unless told otherwise)."""
 TIMEOUT: Final = 120.0
 
 Runner = Callable[[list[str], float], "subprocess.CompletedProcess[str]"]
@@ -73,16 +90,42 @@ def device_mapper_available(misc: Path = Path("/proc/misc"),
     return loaded and control.exists()
 
 
+def udev_running(control: Path = UDEV_CONTROL) -> bool:
+    """Whether udev runs on this host: its control socket exists.
+
+    The test libudev and libdevmapper make themselves (``udev_queue_get_udev_is_active``):
+    ``systemd-udevd`` listens on ``/run/udev/control`` and removes it when it stops. A plain
+    file there is not a listening udev.
+    """
+    return control.is_socket()
+
+
+def udev_setting(setting: str, control: Path = UDEV_CONTROL) -> bool:
+    """The agent's ``[storage] lvm_udev`` (``auto``, ``on``, ``off``) as a yes or no for
+    :class:`Lvm`; ``auto`` asks the host (:func:`udev_running`)."""
+    if setting == "auto":
+        return udev_running(control)
+    if setting in ("on", "off"):
+        return setting == "on"
+    raise ValueError(f"lvm_udev must be auto, on or off, not {setting!r}")
+
+
 def run_lvm(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
-    """Run an LVM command (the default :data:`Runner`)."""
+    """Run an LVM command (the default :data:`Runner`) with :func:`virtyard.common.process.run`;
+    a non-zero exit is returned, a timeout or a missing ``lvm`` raises :class:`LvmError`."""
     env = {**os.environ, "LVM_SUPPRESS_FD_WARNINGS": "1", "LC_ALL": "C"}
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
-                          check=False, stdin=subprocess.DEVNULL)
+    try:
+        return process.run(argv, timeout=timeout, check=False, env=env)
+    except process.MissingPackageError:
+        raise LvmError(argv, -1, "the lvm program is missing (package lvm2)") from None
+    except process.CommandError as exc:  # with check=False: the timeout
+        raise LvmError(argv, exc.returncode, exc.stderr) from None
 
 
 @dataclass(frozen=True)
 class Lvm:
-    """The LVM tools restricted to ``devices``; ``dm`` says whether device-mapper is usable.
+    """The LVM tools restricted to ``devices``; ``dm`` says whether device-mapper is usable,
+    ``udev`` whether LVM works with udev (the host's answer: :func:`udev_setting`).
 
     ``runner`` executes a command (tests give recorded output instead).
     """
@@ -91,9 +134,10 @@ class Lvm:
     dm: bool
     runner: Runner = run_lvm
     timeout: float = TIMEOUT
+    udev: bool = False
 
     def _argv(self, command: str, args: Sequence[str]) -> list[str]:
-        argv = ["lvm", command, "--config", LVM_CONFIG]
+        argv = ["lvm", command, "--config", lvm_config(udev=self.udev)]
         for device in self.devices:
             argv += ["--devices", device]
         if not self.dm:
@@ -103,12 +147,7 @@ class Lvm:
     def run(self, command: str, *args: str) -> str:
         """Run ``lvm <command> <args>`` and return its stdout; :class:`LvmError` on failure."""
         argv = self._argv(command, args)
-        try:
-            proc = self.runner(argv, self.timeout)
-        except subprocess.TimeoutExpired:
-            raise LvmError(argv, -1, f"timed out after {self.timeout:g} s") from None
-        except FileNotFoundError:
-            raise LvmError(argv, -1, "the lvm program is missing (package lvm2)") from None
+        proc = self.runner(argv, self.timeout)
         if proc.returncode != 0:
             raise LvmError(argv, proc.returncode, proc.stderr or proc.stdout)
         log.debug("%s ok", " ".join(argv[:2] + list(args)))

@@ -79,6 +79,7 @@ from virtyard.host.storage.lvm import (
     Runner,
     device_mapper_available,
     run_lvm,
+    udev_setting,
 )
 
 log = logging.getLogger("virtyard.host.storage.volumes")
@@ -87,7 +88,7 @@ Method = Literal["lvm-activation", "block-slice", "iscsi-slice"]
 DiskType = Literal["block", "network"]
 
 # The libvirt secret holding a connection's CHAP password is named by the connection id; the
-# VM side defines it (virt.drives.DriveResolver.ensure_chap_secret) under this usage.
+# VM side defines it (virt.volume_sources.ChapSecrets) under this usage.
 CHAP_SECRET_USAGE_PREFIX: Final = "virtyard-chap-"
 USER: Final = re.compile(r"^[A-Za-z0-9_.:@/+-]{1,256}$")
 
@@ -176,15 +177,16 @@ class VolumeService:
 
     def __init__(self, root: Path, initiator: Initiator, devices: DeviceService, *,
                  initiator_name: str, timeout: float, dm: bool | None = None,
-                 lvm_runner: Runner = run_lvm) -> None:
+                 lvm_runner: Runner = run_lvm, lvm_udev: str = "auto") -> None:
         self.root = root
         self.lvm_runner = lvm_runner
         self.initiator = initiator
         self.dm = device_mapper_available() if dm is None else dm
+        self.udev = udev_setting(lvm_udev)  # the host's answer, once: LVM's udev settings
         self.method: Method = choose_method(initiator.kind, self.dm)
         self.lun_devices = LunDevices(root, initiator, initiator_name=initiator_name)
         self.domains = BlockDomains(devices, initiator, self.lun_devices, dm=self.dm,
-                                    timeout=timeout)
+                                    timeout=timeout, udev=self.udev)
         self._lock = threading.Lock()
         self._volume_locks: dict[str, threading.Lock] = {}
         self._state = PreparedState(root / "prepared.json")
@@ -430,7 +432,7 @@ class VolumeService:
             path = self.initiator.device_path(device.guid)
             if path is not None:
                 paths.append(path)
-        return Lvm(tuple(paths), dm=self.dm, runner=self.lvm_runner)
+        return Lvm(tuple(paths), dm=self.dm, runner=self.lvm_runner, udev=self.udev)
 
     def _activate(self, entry: PreparedVolume, *, forget_on_failure: bool) -> None:
         """``lvchange -ay``; when it fails for a new prepare, its record goes too."""
