@@ -38,6 +38,7 @@ from virtyard.host.virt.metadata import (
     replace_metadata,
 )
 from virtyard.host.virt.vms import VmManager
+from virtyard.host.virt.volume_sources import VolumeSources
 
 VM = "0c0ffee0-0000-4000-8000-000000000001"
 POOL = "11111111-0000-4000-8000-000000000000"
@@ -185,12 +186,10 @@ def make_agent(loaded: Pdiv | None = None, *,
         domain.metadata = domain.metadata.with_device("sdc", metadata)
     dom = FakeDomain(domain.to_xml())
     vms = VmManager(FakeConn(dom), drives=None, virt_type="qemu")  # type: ignore[arg-type]
-    agent = SimpleNamespace(vms=vms, volumes=volumes,
-                            config=SimpleNamespace(debug=SimpleNamespace(die_at=""),
-                                            storage=SimpleNamespace(
-                                                initiator_name=INITIATOR)),
-                            connections=None, drives=None)
-    return agent, dom, volumes
+    sources = VolumeSources(volumes, connections=None, secrets=None,  # type: ignore[arg-type]
+                            initiator_name=INITIATOR)
+    services = cdrom.CdServices(vms, volumes, sources)  # type: ignore[arg-type]
+    return services, dom, volumes
 
 
 def holds(pdiv: Pdiv) -> dict[str, tuple[str, ...]]:
@@ -408,7 +407,7 @@ def test_libvirt_refuses_even_the_old_medium_back() -> None:
 
 def test_fault_points_exit_at_the_named_step(monkeypatch: pytest.MonkeyPatch) -> None:
     agent, _, _ = make_agent(A)
-    agent.config.debug.die_at = "changecd:ejected"
+    agent = dataclasses.replace(agent, die_at="changecd:ejected")
     exits: list[int] = []
 
     def fake_exit(code: int) -> None:

@@ -6,19 +6,18 @@ import logging
 import os
 
 from virtyard.host.config import HostConfig
-from virtyard.host.rpc.errors import HostError
 from virtyard.host.storage.connections import ConnectionRegistry
 from virtyard.host.storage.devices import DeviceService
 from virtyard.host.storage.initiator import Initiator, choose_initiator_kind
 from virtyard.host.storage.userspace_initiator import UserspaceInitiator
 from virtyard.host.storage.volumes import VolumeService
-from virtyard.host.virt.cdrom import drive_user, reconcile, source_of
-from virtyard.host.virt.domain_xml import DiskDevice, Source
-from virtyard.host.virt.drives import DriveNotVisibleError, DriveResolver
+from virtyard.host.virt.cdrom import CdServices, reconcile
+from virtyard.host.virt.drives import DriveResolver
 from virtyard.host.virt.guest_names import GuestNames
 from virtyard.host.virt.libvirt_conn import LibvirtConnection
 from virtyard.host.virt.migration import Migrations
 from virtyard.host.virt.vms import VmManager
+from virtyard.host.virt.volume_sources import ChapSecrets, VolumeSources
 
 log = logging.getLogger("virtyard.host.agent")
 
@@ -45,11 +44,17 @@ class HostAgent:
                                      timeout=config.storage.login_timeout)
         self.volumes = VolumeService(config.state_dir / "storage", self.initiator, self.devices,
                                      initiator_name=config.storage.initiator_name,
-                                     timeout=config.storage.login_timeout)
+                                     timeout=config.storage.login_timeout,
+                                     lvm_udev=config.storage.lvm_udev)
         self.libvirt = LibvirtConnection(config.libvirt.uri)
-        self.drives = DriveResolver(self, self.libvirt)
+        self.sources = VolumeSources(self.volumes, self.connections, ChapSecrets(self.libvirt),
+                                     initiator_name=config.storage.initiator_name)
+        self.drives = DriveResolver(self.devices, self.sources,
+                                    initiator_kind=self.initiator.kind,
+                                    initiator_name=config.storage.initiator_name)
         self.vms = VmManager(self.libvirt, self.drives, virt_type=virt_type(config),
-                             release=self.release_volumes)
+                             release=self.sources.release)
+        self.cd = CdServices(self.vms, self.volumes, self.sources, die_at=config.debug.die_at)
         self.migrations = Migrations(self.vms, config)
         self.guest_names = GuestNames(self.vms, config.state_dir / "ch")
         self.vms.channels = self.guest_names.channels
@@ -60,7 +65,7 @@ class HostAgent:
         settle CD changes in flight, so prepared volumes and drives agree again."""
         try:
             self.volumes.recover()
-            log.info("recovery: %s", reconcile(self))
+            log.info("recovery: %s", reconcile(self.cd))
         except Exception:  # libvirt or storage unreachable now: the agent still serves
             log.exception("recovery at start failed; it runs again at the next start")
         self.guest_names.start()
@@ -70,27 +75,6 @@ class HostAgent:
         """Where other hosts' libvirtd send this host VMs (peer-to-peer migration)."""
         return (self.config.libvirt.migration_uri
                 or f"qemu+tls://{self.config.server.address}/system")
-
-    def resolve_volume(self, device: DiskDevice, vm_id: str) -> Source:
-        """The source of an image volume (PDIV) on this host, prepared for the VM's drive."""
-        assert device.pdiv is not None
-        try:
-            prepared = self.volumes.prepare(device.pdiv, drive_user(vm_id, device.name),
-                                            iso=device.device == "cdrom")
-        except HostError as exc:
-            raise DriveNotVisibleError(f"volume {device.pdiv} ({exc.message})") from None
-        return source_of(self, prepared)
-
-    def release_volumes(self, vm_id: str) -> None:
-        """Drop every hold VM ``vm_id`` has on image volumes (it stopped or left this host)."""
-        prefix = f"{vm_id}:"
-        for prepared in self.volumes.prepared():
-            for user in prepared.users:
-                if user.startswith(prefix):
-                    try:
-                        self.volumes.teardown(prepared.pdiv, user)
-                    except HostError as exc:
-                        log.warning("releasing %s for %s failed: %s", prepared.pdiv, user, exc)
 
 
 def virt_type(config: HostConfig) -> str:

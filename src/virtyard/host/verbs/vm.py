@@ -231,9 +231,9 @@ def vm_change_cd(agent: HostAgent, p: ChangeCdParams) -> VmDefinition:
             pdiv = Pdiv.from_dict(raw) if raw else None
         except VirtXmlError as exc:
             raise InvalidParamsError(f"invalid parameter 'driveSpec.drive_spec': {exc}") from None
-        return definition_of(change_cd(agent, p.vmID, pdiv, iface, index))
+        return definition_of(change_cd(agent.cd, p.vmID, pdiv, iface, index))
     if "path" in p.driveSpec and isinstance(p.driveSpec["path"], str):
-        return definition_of(change_cd_legacy(agent, p.vmID, p.driveSpec["path"], iface, index))
+        return definition_of(change_cd_legacy(agent.cd, p.vmID, p.driveSpec["path"], iface, index))
     raise InvalidParamsError("invalid parameter 'driveSpec': give drive_spec (a PDIV, or empty "
                              "to eject) or path")
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import libvirt
 
@@ -37,60 +37,45 @@ from virtyard.host.rpc.errors import (
     InvalidParamsError,
 )
 from virtyard.host.storage.block_domain import Pdiv as StoragePdiv
-from virtyard.host.storage.volumes import PreparedVolume
+from virtyard.host.storage.volumes import VolumeService
 from virtyard.host.virt.domain_xml import (
     BlockSource,
     DomainDisk,
     FileSource,
     IscsiSource,
     Source,
-    StorageSlice,
     drive_name,
 )
 from virtyard.host.virt.metadata import CdChange, Pdiv, VmMetadata
-from virtyard.host.virt.vms import VmSnapshot
-
-if TYPE_CHECKING:
-    from virtyard.host.agent import HostAgent
+from virtyard.host.virt.vms import VmManager, VmSnapshot
+from virtyard.host.virt.volume_sources import VolumeSources, drive_user
 
 log = logging.getLogger("virtyard.host.virt.cdrom")
 
 FAULT_EXIT = 97
 
 
-def fault_point(agent: HostAgent, step: str) -> None:
+@dataclasses.dataclass(frozen=True)
+class CdServices:
+    """What CD changes use: the VMs, the volume service, volumes as sources, and the
+    configured fault point of crash tests (``[debug] die_at``)."""
+
+    vms: VmManager
+    volumes: VolumeService
+    sources: VolumeSources
+    die_at: str = ""
+
+
+def fault_point(svc: CdServices, step: str) -> None:
     """Die here if the configuration asks for it (``[debug] die_at``): crash tests."""
-    if agent.config.debug.die_at == f"changecd:{step}":
+    if svc.die_at == f"changecd:{step}":
         log.critical("fault injection: dying at changecd:%s", step)
         logging.shutdown()
         os._exit(FAULT_EXIT)
 
 
-def drive_user(vm_id: str, drive: str) -> str:
-    """Who holds a prepared volume: one VM's one drive."""
-    return f"{vm_id}:{drive}"
-
-
 def _key(pdiv: Pdiv | None) -> str | None:
     return None if pdiv is None else StoragePdiv.of(pdiv).key
-
-
-def source_of(agent: HostAgent, prepared: PreparedVolume) -> Source:
-    """The libvirt source through which QEMU reads a prepared volume."""
-    slice_ = (StorageSlice(prepared.offset, prepared.size)
-              if prepared.offset is not None else None)
-    if prepared.disk_type == "network":
-        usage = None
-        if prepared.chap_user:
-            connection = agent.connections.get(prepared.connection_id)
-            if connection is None or connection.chap is None:
-                raise ImageFileNotFoundError(f"no CHAP connection {prepared.connection_id} "
-                                             "for the volume's LUN")
-            usage = agent.drives.ensure_chap_secret(connection)
-        return IscsiSource(prepared.host, prepared.port, prepared.iqn, prepared.lun,
-                           auth_user=prepared.chap_user or None, secret_usage=usage,
-                           slice=slice_, initiator=agent.config.storage.initiator_name)
-    return BlockSource(prepared.path, slice=slice_)
 
 
 def _same_media(live: Source | None, wanted: Source | None) -> bool:
@@ -127,10 +112,10 @@ def _update(dom: libvirt.virDomain, disk: DomainDisk) -> None:
                               | libvirt.VIR_DOMAIN_DEVICE_MODIFY_FORCE)
 
 
-def change_cd(agent: HostAgent, vm_id: str, pdiv: Pdiv | None, iface: str,
+def change_cd(svc: CdServices, vm_id: str, pdiv: Pdiv | None, iface: str,
               index: int) -> VmSnapshot:
     """Load ``pdiv`` into (or, with ``None``, eject) the VM's CD drive ``iface``/``index``."""
-    vms = agent.vms
+    vms = svc.vms
     with vms.locks.hold([vm_id]):
         dom = vms.domain(vm_id)
         snap = vms.snapshot(dom)
@@ -139,25 +124,25 @@ def change_cd(agent: HostAgent, vm_id: str, pdiv: Pdiv | None, iface: str,
         entry = snap.metadata.device(cd.name)
         old = entry.pdiv
         if entry.change is not None:  # a crashed change not yet recovered: settle it first
-            reconcile_vm(agent, dom)
+            reconcile_vm(svc, dom)
             snap = vms.snapshot(dom)
             entry = snap.metadata.device(cd.name)
             old = entry.pdiv
         change = CdChange("loading", pdiv) if pdiv is not None else CdChange("ejecting")
         marked = snap.metadata.with_device(cd.name, entry.begin_change(change))
         vms.write_metadata(dom, marked)
-        fault_point(agent, "marked")
+        fault_point(svc, "marked")
 
         source: Source | None = None
         if pdiv is not None:
             try:
-                source = source_of(agent, agent.volumes.prepare(pdiv, user, iso=True))
+                source = svc.sources.prepare(pdiv, user, iso=True)
             except Exception as exc:
-                _undo(agent, dom, marked, cd.name, new=None, user=user)
+                _undo(svc, dom, marked, cd.name, new=None, user=user)
                 if isinstance(exc, HostError):
                     raise
                 raise ImageFileNotFoundError(f"cannot prepare {pdiv}: {exc}") from None
-        fault_point(agent, "prepared")  # (an eject prepares nothing: the step is empty)
+        fault_point(svc, "prepared")  # (an eject prepares nothing: the step is empty)
         new_disk = DomainDisk(dataclasses.replace(cd.device, pdiv=pdiv), source)
         try:
             if cd.source is not None and source is not None:
@@ -165,22 +150,22 @@ def change_cd(agent: HostAgent, vm_id: str, pdiv: Pdiv | None, iface: str,
                 # would take two slices of one LUN for the same medium and change nothing).
                 _update(dom, DomainDisk(dataclasses.replace(cd.device, pdiv=None), None))
         except libvirt.libvirtError as exc:
-            _undo(agent, dom, marked, cd.name, new=pdiv, user=user)
+            _undo(svc, dom, marked, cd.name, new=pdiv, user=user)
             raise ChangeDiskError(f"libvirt refused to eject {cd.name}: "
                                   f"{exc.get_error_message()}", vmId=vm_id) from None
-        fault_point(agent, "ejected")
+        fault_point(svc, "ejected")
         try:
             _update(dom, new_disk)
         except libvirt.libvirtError as exc:
             back = _reinsert(dom, cd)
-            _undo(agent, dom, marked, cd.name, new=pdiv, user=user)
+            _undo(svc, dom, marked, cd.name, new=pdiv, user=user)
             if not back:  # the drive stays empty: record and holds must say so now
-                reconcile_vm(agent, dom)
+                reconcile_vm(svc, dom)
                 if old is not None:
-                    _release(agent, old, user)
+                    _release(svc, old, user)
             raise ChangeDiskError(f"libvirt refused the media change of {cd.name}: "
                                   f"{exc.get_error_message()}", vmId=vm_id) from None
-        fault_point(agent, "updated")
+        fault_point(svc, "updated")
 
         applied = marked.with_device(cd.name, marked.device(cd.name).apply_change())
         try:
@@ -188,11 +173,11 @@ def change_cd(agent: HostAgent, vm_id: str, pdiv: Pdiv | None, iface: str,
         except libvirt.libvirtError as exc:  # the drive holds the new media: recovery applies
             log.warning("VM %s: metadata of %s not updated (recovery will): %s", vm_id,
                         cd.name, exc)
-        fault_point(agent, "applied")
+        fault_point(svc, "applied")
 
         if old is not None and _key(old) != _key(pdiv):
-            _release(agent, old, user)  # (on failure the next reconcile retries)
-        fault_point(agent, "torn-down")
+            _release(svc, old, user)  # (on failure the next reconcile retries)
+        fault_point(svc, "torn-down")
         log.info("VM %s: %s now holds %s", vm_id, cd.name, pdiv or "no medium")
         return vms.snapshot(dom)
 
@@ -209,34 +194,34 @@ def _reinsert(dom: libvirt.virDomain, old: DomainDisk) -> bool:
     return True
 
 
-def _release(agent: HostAgent, pdiv: Pdiv, user: str) -> None:
+def _release(svc: CdServices, pdiv: Pdiv, user: str) -> None:
     try:
-        agent.volumes.teardown(pdiv, user)
+        svc.volumes.teardown(pdiv, user)
     except Exception as exc:  # the next reconcile retries
         log.warning("releasing %s for %s failed: %s", pdiv, user, exc)
 
 
-def _undo(agent: HostAgent, dom: libvirt.virDomain, marked: VmMetadata, name: str, *,
+def _undo(svc: CdServices, dom: libvirt.virDomain, marked: VmMetadata, name: str, *,
           new: Pdiv | None, user: str) -> None:
     """The change did not happen: release the new volume, forget the change."""
     if new is not None:
         current = marked.device(name).pdiv
         if _key(current) != _key(new):
             try:
-                agent.volumes.teardown(new, user)
+                svc.volumes.teardown(new, user)
             except Exception as exc:
                 log.warning("releasing %s after a failed change failed: %s", new, exc)
     try:
-        agent.vms.write_metadata(dom, marked.with_device(name, marked.device(name)
+        svc.vms.write_metadata(dom, marked.with_device(name, marked.device(name)
                                                          .discard_change()))
     except libvirt.libvirtError as exc:
         log.warning("discarding the change of %s failed (recovery will): %s", name, exc)
 
 
-def change_cd_legacy(agent: HostAgent, vm_id: str, path: str, iface: str,
+def change_cd_legacy(svc: CdServices, vm_id: str, path: str, iface: str,
                      index: int) -> VmSnapshot:
     """The old form: a plain file path (or ``""`` to eject); no volume is prepared."""
-    vms = agent.vms
+    vms = svc.vms
     with vms.locks.hold([vm_id]):
         dom = vms.domain(vm_id)
         snap = vms.snapshot(dom)
@@ -255,7 +240,7 @@ def change_cd_legacy(agent: HostAgent, vm_id: str, path: str, iface: str,
         vms.write_metadata(dom, snap.metadata.with_device(cd.name, entry).next_generation())
         if old is not None:
             try:
-                agent.volumes.teardown(old, drive_user(vm_id, cd.name))
+                svc.volumes.teardown(old, drive_user(vm_id, cd.name))
             except Exception as exc:
                 log.warning("VM %s: releasing old CD %s failed: %s", vm_id, old, exc)
         return vms.snapshot(dom)
@@ -263,7 +248,7 @@ def change_cd_legacy(agent: HostAgent, vm_id: str, path: str, iface: str,
 
 # -- recovery -----------------------------------------------------------------------------------
 
-def _actual_pdiv(agent: HostAgent, vm_id: str, disk: DomainDisk,
+def _actual_pdiv(svc: CdServices, vm_id: str, disk: DomainDisk,
                  candidates: list[Pdiv | None]) -> Pdiv | None:
     """Which volume the drive really holds (the live source), among ``candidates`` and every
     volume prepared for this drive; ``None`` for an empty tray or a plain file."""
@@ -272,7 +257,7 @@ def _actual_pdiv(agent: HostAgent, vm_id: str, disk: DomainDisk,
         return None
     user = drive_user(vm_id, disk.name)
     seen: set[str] = set()
-    by_key = {p.pdiv.key: p for p in agent.volumes.prepared()}
+    by_key = {p.pdiv.key: p for p in svc.volumes.prepared()}
     options = [c for c in candidates if c is not None]
     options += [Pdiv(p.pdiv.pool_id, p.pdiv.domain_id, p.pdiv.image_id, p.pdiv.volume_id)
                 for p in by_key.values() if user in p.users]
@@ -285,26 +270,26 @@ def _actual_pdiv(agent: HostAgent, vm_id: str, disk: DomainDisk,
         borrowed = prepared is None
         if prepared is None:
             try:  # not prepared: take a reference to compare, released again if no match
-                prepared = agent.volumes.prepare(pdiv, user)
+                prepared = svc.volumes.prepare(pdiv, user)
             except Exception:
                 continue
-        if _same_media(live, source_of(agent, prepared)):
+        if _same_media(live, svc.sources.source_of(prepared)):
             return pdiv
         if borrowed:
-            agent.volumes.teardown(pdiv, user)
+            svc.volumes.teardown(pdiv, user)
     return None
 
 
-def _finish_load(agent: HostAgent, dom: libvirt.virDomain, vm_id: str, disk: DomainDisk,
+def _finish_load(svc: CdServices, dom: libvirt.virDomain, vm_id: str, disk: DomainDisk,
                  pdiv: Pdiv | None) -> Pdiv | None:
     """A load that crashed with the tray open: insert the new medium (roll forward), so the
     drive ends with the new CD, not with none."""
     user = drive_user(vm_id, disk.name)
     if pdiv is None or not any(p.pdiv.key == _key(pdiv) and user in p.users
-                               for p in agent.volumes.prepared()):
+                               for p in svc.volumes.prepared()):
         return None  # crashed before the volume was prepared: nothing to insert
     try:
-        source = source_of(agent, agent.volumes.prepare(pdiv, user, iso=True))
+        source = svc.sources.prepare(pdiv, user, iso=True)
         _update(dom, DomainDisk(dataclasses.replace(disk.device, pdiv=pdiv), source))
     except Exception as exc:
         log.warning("VM %s %s: finishing the interrupted load failed: %s", vm_id, disk.name, exc)
@@ -313,10 +298,10 @@ def _finish_load(agent: HostAgent, dom: libvirt.virDomain, vm_id: str, disk: Dom
     return pdiv
 
 
-def reconcile_vm(agent: HostAgent, dom: libvirt.virDomain) -> dict[str, Pdiv | None]:
+def reconcile_vm(svc: CdServices, dom: libvirt.virDomain) -> dict[str, Pdiv | None]:
     """Settle every CD change in flight of one VM from what its drives really hold; returns
     what each volume-backed drive holds. Caller holds the VM's lock."""
-    vms = agent.vms
+    vms = svc.vms
     snap = vms.snapshot(dom)
     metadata = snap.metadata
     holds: dict[str, Pdiv | None] = {}
@@ -327,11 +312,11 @@ def reconcile_vm(agent: HostAgent, dom: libvirt.virDomain) -> dict[str, Pdiv | N
                 holds[disk.name] = entry.pdiv
             continue
         change = entry.change
-        actual = _actual_pdiv(agent, snap.vm_id, disk,
+        actual = _actual_pdiv(svc, snap.vm_id, disk,
                               [entry.pdiv, change.pdiv if change else None])
         if change is not None and change.state == "loading" and actual is None \
                 and disk.source is None:
-            actual = _finish_load(agent, dom, snap.vm_id, disk, change.pdiv)
+            actual = _finish_load(svc, dom, snap.vm_id, disk, change.pdiv)
         if change is not None:
             done = (_key(actual) == _key(change.pdiv)) if change.state == "loading" \
                 else actual is None
@@ -347,20 +332,20 @@ def reconcile_vm(agent: HostAgent, dom: libvirt.virDomain) -> dict[str, Pdiv | N
     return holds
 
 
-def reconcile(agent: HostAgent) -> dict[str, Any]:
+def reconcile(svc: CdServices) -> dict[str, Any]:
     """Make prepared volumes and drives agree on this host (agent start, after destroys and
     migrations): settle in-flight CD changes, release every hold no running drive uses, and
     take the hold every drive's volume needs. Returns what it did."""
     expected: dict[str, str] = {}  # user -> PDIV key it should hold
     wanted: dict[str, Pdiv] = {}
     done: dict[str, Any] = {"settled_vms": 0, "released": [], "taken": []}
-    for dom in agent.vms.running():
+    for dom in svc.vms.running():
         vm_id = dom.UUIDString()
-        if not agent.vms.is_ours(dom):
+        if not svc.vms.is_ours(dom):
             continue
         try:
-            with agent.vms.locks.hold([vm_id]):
-                holds = reconcile_vm(agent, dom)
+            with svc.vms.locks.hold([vm_id]):
+                holds = reconcile_vm(svc, dom)
         except Exception as exc:  # the VM went away meanwhile, or libvirt failed: next time
             log.warning("reconcile of VM %s skipped: %s", vm_id, exc)
             continue
@@ -370,15 +355,15 @@ def reconcile(agent: HostAgent) -> dict[str, Any]:
                 user = drive_user(vm_id, name)
                 expected[user] = str(_key(pdiv))
                 wanted[user] = pdiv
-    for prepared in agent.volumes.prepared():
+    for prepared in svc.volumes.prepared():
         for user in prepared.users:
             if expected.get(user) != prepared.pdiv.key:
-                agent.volumes.teardown(prepared.pdiv, user)
+                svc.volumes.teardown(prepared.pdiv, user)
                 done["released"].append(f"{prepared.pdiv} by {user}")
-    held = {(u, p.pdiv.key) for p in agent.volumes.prepared() for u in p.users}
+    held = {(u, p.pdiv.key) for p in svc.volumes.prepared() for u in p.users}
     for user, key in expected.items():
         if (user, key) not in held:
-            agent.volumes.prepare(wanted[user], user)
+            svc.volumes.prepare(wanted[user], user)
             done["taken"].append(f"{wanted[user]} by {user}")
     if done["released"] or done["taken"]:
         log.info("volume reconcile: released %s; taken %s", done["released"], done["taken"])

@@ -10,18 +10,11 @@ anything touches libvirt.
 from __future__ import annotations
 
 import logging
-import threading
-from typing import TYPE_CHECKING
 
-import libvirt
-from lxml import etree
-
-from virtyard.host.storage.initiator import Connection
+from virtyard.host.rpc.errors import HostError
+from virtyard.host.storage.devices import DeviceService
 from virtyard.host.virt.domain_xml import BlockSource, DiskDevice, IscsiSource, Source
-from virtyard.host.virt.libvirt_conn import LibvirtConnection
-
-if TYPE_CHECKING:
-    from virtyard.host.agent import HostAgent
+from virtyard.host.virt.volume_sources import VolumeSources, drive_user
 
 log = logging.getLogger("virtyard.host.virt.drives")
 
@@ -37,14 +30,16 @@ class DriveNotVisibleError(Exception):
 class DriveResolver:
     """Resolves :class:`DiskDevice` storage names into sources for this host."""
 
-    def __init__(self, agent: HostAgent, libvirt_conn: LibvirtConnection) -> None:
-        self.agent = agent
-        self.libvirt = libvirt_conn
-        self._secrets_lock = threading.Lock()
+    def __init__(self, devices: DeviceService, sources: VolumeSources, *,
+                 initiator_kind: str, initiator_name: str) -> None:
+        self.devices = devices
+        self.sources = sources
+        self.initiator_kind = initiator_kind
+        self.initiator_name = initiator_name
 
     def visible(self, guids: list[str]) -> dict[str, bool]:
         """Which of these LUNs this host sees now (one rescan before a 'no')."""
-        return self.agent.devices.visibility(guids) if guids else {}
+        return self.devices.visibility(guids) if guids else {}
 
     def resolve(self, device: DiskDevice, vm_id: str) -> Source | None:
         """The source of ``device`` of VM ``vm_id`` on this host (an image volume is prepared
@@ -52,45 +47,29 @@ class DriveResolver:
         if device.guid is not None:
             return self._lun_source(device.guid)
         if device.pdiv is not None:
-            return self.agent.resolve_volume(device, vm_id)
+            try:
+                return self.sources.prepare(device.pdiv, drive_user(vm_id, device.name),
+                                            iso=device.device == "cdrom")
+            except HostError as exc:
+                raise DriveNotVisibleError(f"volume {device.pdiv} ({exc.message})") from None
         return None  # an empty CD-ROM tray
 
     def _lun_source(self, guid: str) -> Source:
         if not self.visible([guid]).get(guid):
             raise DriveNotVisibleError(f"LUN {guid}")
-        if self.agent.initiator.kind == "kernel":
+        if self.initiator_kind == "kernel":
             return BlockSource.for_guid(guid)
-        entries = self.agent.devices.listing(guids=frozenset([guid]), check_status=False,
-                                             refresh=False)
+        entries = self.devices.listing(guids=frozenset([guid]), check_status=False,
+                                       refresh=False)
         if not entries or not entries[0].device.paths:
             raise DriveNotVisibleError(f"LUN {guid}")
         path = entries[0].device.paths[0]
         conn = path.connection
-        initiator = conn.initiator_name or self.agent.config.storage.initiator_name
+        initiator = conn.initiator_name or self.initiator_name
         if conn.chap is None:
             return IscsiSource(conn.portal.host, conn.portal.port, conn.iqn, path.lun,
                                initiator=initiator)
-        usage = self.ensure_chap_secret(conn)
+        usage = self.sources.secrets.ensure(conn)
         return IscsiSource(conn.portal.host, conn.portal.port, conn.iqn, path.lun,
                            auth_user=conn.chap.username, secret_usage=usage,
                            initiator=initiator)
-
-    def ensure_chap_secret(self, connection: Connection) -> str:
-        """A libvirt ``iscsi`` secret holding the connection's CHAP password; its usage id."""
-        assert connection.chap is not None
-        usage = f"virtyard-chap-{connection.id}"
-        secret_xml = etree.Element("secret", ephemeral="no", private="yes")
-        etree.SubElement(etree.SubElement(secret_xml, "usage", type="iscsi"),
-                         "target").text = usage
-        value = str(connection.chap.password).encode()
-        with self._secrets_lock:
-            def define(conn: libvirt.virConnect) -> None:
-                try:
-                    secret = conn.secretLookupByUsage(libvirt.VIR_SECRET_USAGE_TYPE_ISCSI, usage)
-                except libvirt.libvirtError:
-                    secret = conn.secretDefineXML(etree.tostring(secret_xml, encoding="unicode"))
-                secret.setValue(value)
-            self.libvirt.call(define)
-        log.debug("CHAP secret %s ready", usage)
-        return usage
-
