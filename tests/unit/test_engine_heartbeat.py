@@ -154,3 +154,11 @@ def test_hostile_capabilities_are_clamped(db: Database) -> None:
     h = host(db, added.id)
     assert h.status == "up" and len(h.host_uuid or "") == 64 and len(h.cpu_model) == 255
     assert (h.cpu_cores, h.memory_bytes) == (0, 0)
+
+
+def test_the_engine_drops_idle_host_connections_before_the_agent_closes_them() -> None:
+    # Otherwise a request can go out on a connection the agent is closing at that moment.
+    from virtyard.engine.hosts.pool import KEEPALIVE_EXPIRY  # noqa: PLC0415
+    from virtyard.host.server import KEEP_ALIVE  # noqa: PLC0415
+
+    assert 15.0 < KEEPALIVE_EXPIRY < KEEP_ALIVE - 5  # outlives the 15 s poll interval

@@ -28,6 +28,12 @@ from virtyard.host.verbs.events import vm_events
 log = logging.getLogger("virtyard.hostd")
 
 
+# Seconds an idle client connection stays open. Long enough that an engine's pooled
+# connections outlive its poll intervals and a client's pauses (a TLS handshake per call is the
+# dearest part of a cheap verb, worse on a slow host); the engine drops its idle ones first.
+KEEP_ALIVE = 60
+
+
 def build_app(dispatcher: Dispatcher[HostAgent]) -> Starlette:
     """The ASGI application: one JSON-RPC endpoint."""
 
@@ -67,6 +73,7 @@ def serve(config: HostConfig, agent: HostAgent | None = None) -> None:
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=5,
+        timeout_keep_alive=KEEP_ALIVE,
     )
 
 

@@ -34,7 +34,7 @@ from virtyard.host.rpc.errors import (
     MethodNotFoundError,
 )
 from virtyard.host.rpc.jsonrpc import Dispatcher, _error_response
-from virtyard.host.server import build_app
+from virtyard.host.server import KEEP_ALIVE, build_app
 from virtyard.hostsim.state import SimHost, SimOptions
 from virtyard.hostsim.verbs import SIM_SCHEMA
 
@@ -168,7 +168,7 @@ class Simulator:
             self.router, lifespan="off", log_config=None, access_log=False,
             ssl_certfile=str(self.tls.cert), ssl_keyfile=str(self.tls.key),
             ssl_ca_certs=str(self.tls.ca), ssl_cert_reqs=ssl.CERT_REQUIRED,
-            timeout_graceful_shutdown=2, backlog=128)
+            timeout_graceful_shutdown=2, backlog=128, timeout_keep_alive=KEEP_ALIVE)
 
     async def serve(self) -> None:
         """Serve until :meth:`stop` (or SIGINT/SIGTERM when run in the main thread)."""

@@ -25,7 +25,7 @@ log = logging.getLogger("virtyard.engine.hosts")
 
 # The agent's reply size limit: a broken or hostile agent cannot make the engine buffer more.
 MAX_REPLY = 64 << 20
-KEEPALIVE_EXPIRY = 4.5  # seconds; the agent closes idle connections after 5
+KEEPALIVE_EXPIRY = 50.0  # seconds; the agent closes idle connections after 60 (KEEP_ALIVE)
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,10 @@ class HostPool:
         client = httpx.AsyncClient(
             verify=self._context, http2=False,
             timeout=httpx.Timeout(self.timeout, connect=self.connect_timeout),
-            # Idle connections are dropped before the agent's server (5 s) closes them, so a
+            # Idle connections are dropped before the agent's server (60 s) closes them, so a
             # request never goes out on a connection the other side is closing — but kept
-            # longer than the 3 s heartbeat and poll intervals, or every ping and poll would
-            # pay a new TCP + TLS handshake (10-15 % of the engine's CPU at 100 hosts).
+            # longer than the heartbeat and poll intervals, or every ping and poll would pay a
+            # new TCP + TLS handshake (10-15 % of the engine's CPU at 100 hosts).
             limits=httpx.Limits(max_connections=self.per_host,
                                 max_keepalive_connections=self.per_host,
                                 keepalive_expiry=KEEPALIVE_EXPIRY))
