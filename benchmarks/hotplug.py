@@ -27,7 +27,8 @@ import time
 import libvirt
 from benchlab import bench_lab, vm_params
 
-from virtyard.host.virt.domain_xml import DiskDevice, DomainDisk, IscsiSource
+from virtyard.host.virt.device_specs import disk_device
+from virtyard.host.virt.domain_xml import DomainDisk, IscsiSource
 from virtyard.lab import qga
 
 PORT_BASE = 23800
@@ -60,7 +61,7 @@ def main() -> None:
 
         drive = {"type": "disk", "device": "disk", "iface": "scsi", "index": 1,
                  "GUID": target.wwid(1), "serial": "bench1"}
-        bare_xml = DomainDisk(DiskDevice.from_dict(drive), IscsiSource(
+        bare_xml = DomainDisk(disk_device(drive), IscsiSource(
             target.address, target.port, target.iqn, 1)).to_xml()
         ours: list[float] = []
         bare: list[float] = []

@@ -20,7 +20,7 @@ import pytest
 from lxml import etree
 
 from virtyard.host.rpc.errors import ChangeDiskError, HostError, ImageFileNotFoundError
-from virtyard.host.storage.block_domain import Pdiv as StoragePdiv
+from virtyard.host.storage.pdiv import Pdiv
 from virtyard.host.storage.volumes import PreparedVolume
 from virtyard.host.virt import cdrom
 from virtyard.host.virt.domain_xml import (
@@ -33,7 +33,6 @@ from virtyard.host.virt.domain_xml import (
 from virtyard.host.virt.metadata import (
     CdChange,
     DeviceMetadata,
-    Pdiv,
     VmMetadata,
     replace_metadata,
 )
@@ -132,7 +131,7 @@ class FakeVolumes:
     def prepare(self, pdiv: Any, user: str, *, iso: bool = False) -> PreparedVolume:
         if self.fail_prepare:
             raise ImageFileNotFoundError("no such volume")
-        key = StoragePdiv.of(pdiv)
+        key = Pdiv.of(pdiv)
         entry = self.entries.get(key.key) or PreparedVolume(
             pdiv=key, method="iscsi-slice", disk_type="network", guid="3600", size=1 << 20,
             host="127.0.0.1", port=3260, iqn="iqn.2026-11.org.virtyard.lab:sd", lun=1,
@@ -145,7 +144,7 @@ class FakeVolumes:
     def teardown(self, pdiv: Any, user: str) -> PreparedVolume | None:
         if self.fail_teardown:
             raise HostError("cannot deactivate")
-        key = StoragePdiv.of(pdiv).key
+        key = Pdiv.of(pdiv).key
         entry = self.entries.get(key)
         if entry is None or user not in entry.users:
             return entry
@@ -391,7 +390,7 @@ def test_reconcile_takes_the_hold_a_drive_needs_and_drops_orphans() -> None:
     volumes.prepare(B, "gone-vm:sdc")  # a VM that runs nowhere here
     result = cdrom.reconcile(agent)
     assert volumes.holders() == holds(A)
-    assert result["released"] == [f"{StoragePdiv.of(B)} by gone-vm:sdc"]
+    assert result["released"] == [f"{Pdiv.of(B)} by gone-vm:sdc"]
 
 
 def test_libvirt_refuses_even_the_old_medium_back() -> None:

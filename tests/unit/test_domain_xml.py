@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from lxml import etree
 
+from virtyard.host.storage.pdiv import Pdiv, PdivError
 from virtyard.host.virt.domain_xml import (
     QEMU_GA_CHANNEL,
     VIRTYARD_GA_CHANNEL,
@@ -40,7 +41,6 @@ from virtyard.host.virt.metadata import (
     CdChange,
     DeviceMetadata,
     MetadataError,
-    Pdiv,
     VirtXmlError,
     VmMetadata,
     read_metadata,
@@ -238,136 +238,6 @@ def test_parse_drive_name_errors(name: str) -> None:
     assert err.value.reason == "invalid_drive_name"
 
 
-# -- device dicts ----------------------------------------------------------------------------------
-
-LUN_DICT: dict[str, Any] = {"type": "disk", "device": "lun", "iface": "scsi", "index": 1,
-                            "GUID": GUID, "format": "raw", "propagateErrors": "off",
-                            "shared": True, "diskId": DISK_ID, "address": dict(SCSI1)}
-DISK_DICT: dict[str, Any] = {"type": "disk", "device": "disk", "iface": "virtio", "index": 0,
-                             "GUID": GUID, "serial": "0c2f1b7e9d3a4c51a8e2", "bootOrder": 1,
-                             "readonly": False, "specParams": {"ignored": True}}
-CD_DICT: dict[str, Any] = {"type": "disk", "device": "cdrom", "iface": "sata", "index": 2,
-                           "PDIV": PDIV.to_dict(), "optional": True}
-
-
-def test_from_dict() -> None:
-    lun = DiskDevice.from_dict(LUN_DICT)
-    assert lun == DiskDevice("lun", "scsi", 1, guid=GUID, propagate_errors="off",
-                             shared="shared", disk_id=DISK_ID, address=SCSI1)
-    assert lun.name == "sdb" and lun.alias == f"ua-{DISK_ID}"
-    disk = DiskDevice.from_dict(DISK_DICT)
-    assert (disk.name, disk.serial, disk.boot_order) == ("vda", "0c2f1b7e9d3a4c51a8e2", 1)
-    cd = DiskDevice.from_dict(CD_DICT)
-    assert (cd.name, cd.pdiv, cd.readonly, cd.optional) == ("sdc", PDIV, True, True)
-    empty = DiskDevice.from_dict({"type": "disk", "device": "cdrom", "iface": "ide",
-                                  "index": "2"})
-    assert (empty.name, empty.pdiv) == ("hdc", None)
-
-
-def test_from_dict_copies_address() -> None:
-    raw = dict(LUN_DICT, address=dict(SCSI1))
-    device = DiskDevice.from_dict(raw)
-    raw["address"]["unit"] = "9"
-    assert device.address == SCSI1
-
-
-@pytest.mark.parametrize("raw", [LUN_DICT, DISK_DICT, CD_DICT])
-def test_dict_round_trip(raw: dict[str, Any]) -> None:
-    device = DiskDevice.from_dict(raw)
-    out = device.to_dict()
-    assert DiskDevice.from_dict(out) == device
-    for key in ("type", "device", "iface", "index", "name"):
-        assert key in out
-    assert ("GUID" in out) != ("PDIV" in out)
-
-
-def test_to_dict_contract() -> None:
-    out = DiskDevice.from_dict(DISK_DICT).to_dict()
-    assert out == {"type": "disk", "device": "disk", "iface": "virtio", "index": 0,
-                   "name": "vda", "format": "raw", "readonly": False, "shared": "none",
-                   "optional": False, "GUID": GUID, "serial": "0c2f1b7e9d3a4c51a8e2",
-                   "bootOrder": 1}
-    assert DiskDevice.from_dict(CD_DICT).to_dict()["PDIV"] == PDIV.to_dict()
-
-
-@pytest.mark.parametrize(("shared", "expected"), [
-    (True, "shared"), (False, "none"), ("true", "shared"), ("false", "none"),
-    ("shared", "shared"), ("exclusive", "exclusive"), ("none", "none"), (None, "none")])
-def test_shared_values(shared: object, expected: str) -> None:
-    assert DiskDevice.from_dict(dict(DISK_DICT, shared=shared)).shared == expected
-
-
-def _without(raw: dict[str, Any], key: str) -> dict[str, Any]:
-    return {k: v for k, v in raw.items() if k != key}
-
-
-SPEC_ERRORS: list[tuple[object, str]] = [
-    (["not", "a", "dict"], "invalid_spec"),
-    (dict(DISK_DICT, type="interface"), "unknown_type"),
-    (_without(DISK_DICT, "device"), "missing_device"),
-    (_without(DISK_DICT, "iface"), "missing_iface"),
-    (_without(DISK_DICT, "index"), "missing_index"),
-    (dict(DISK_DICT, device="floppy"), "unknown_device"),
-    (dict(DISK_DICT, iface="usb"), "unknown_iface"),
-    (dict(DISK_DICT, index=-1), "negative_index"),
-    (dict(DISK_DICT, index="one"), "invalid_index"),
-    (dict(DISK_DICT, index=1.5), "invalid_index"),
-    (dict(LUN_DICT, iface="virtio"), "lun_needs_scsi"),
-    (dict(LUN_DICT, iface="sata"), "lun_needs_scsi"),
-    (dict(LUN_DICT, format="cow"), "lun_format"),
-    (dict(CD_DICT, format="cow"), "cdrom_format"),
-    (dict(DISK_DICT, format="qcow3"), "unknown_format"),
-    (dict(LUN_DICT, serial="S"), "serial_on_passthrough"),
-    (dict(DISK_DICT, serial=42), "invalid_serial"),
-    (dict(LUN_DICT, sgio="unfiltered"), "sgio_unfiltered_unsupported"),
-    (dict(DISK_DICT, sgio="filtered"), "invalid_sgio"),
-    (dict(LUN_DICT, sgio="sometimes"), "invalid_sgio"),
-    (dict(CD_DICT, iface="virtio"), "cdrom_on_virtio"),
-    (dict(DISK_DICT, propagateErrors="yes"), "invalid_propagate_errors"),
-    (dict(DISK_DICT, shared="sometimes"), "invalid_shared"),
-    (dict(DISK_DICT, bootOrder=0), "invalid_boot_order"),
-    (dict(DISK_DICT, bootOrder="first"), "invalid_boot_order"),
-    (dict(DISK_DICT, GUID="/dev/sda"), "invalid_guid"),
-    (dict(DISK_DICT, GUID=""), "invalid_guid"),
-    (dict(DISK_DICT, GUID=None, PDIV={"poolID": "p"}), "invalid_pdiv"),
-    (dict(DISK_DICT, GUID=None, PDIV=dict(PDIV.to_dict(), imageID="")), "invalid_pdiv"),
-    (dict(DISK_DICT, GUID=None), "disk_needs_guid_or_pdiv"),
-    (dict(DISK_DICT, PDIV=PDIV.to_dict()), "disk_needs_guid_or_pdiv"),
-    (_without(LUN_DICT, "GUID"), "lun_needs_guid"),
-    (dict(LUN_DICT, PDIV=PDIV.to_dict()), "lun_needs_guid"),
-    (dict(CD_DICT, GUID=GUID), "guid_on_cdrom"),
-    (dict(DISK_DICT, address={"controller": "0"}), "invalid_address"),
-    (dict(DISK_DICT, address={"type": "pci", "slot": 5}), "invalid_address"),
-    (dict(DISK_DICT, address="pci:0:5"), "invalid_address"),
-    (dict(DISK_DICT, address=SCSI0), "address_type"),
-    (dict(LUN_DICT, address=PCI5), "address_type"),
-    (dict(DISK_DICT, diskId="no spaces"), "invalid_disk_id"),
-    (dict(DISK_DICT, diskId=7), "invalid_disk_id"),
-    (dict(LUN_DICT, alias="scsi0-0-0-1"), "alias_mismatch"),
-    (dict(DISK_DICT, alias=""), "invalid_alias"),
-    (dict(DISK_DICT, readonly="yes"), "invalid_readonly"),
-    (dict(CD_DICT, optional=1), "invalid_optional"),
-    (dict(DISK_DICT, name="sda"), "name_mismatch"),
-]
-
-
-@pytest.mark.parametrize(("raw", "reason"), SPEC_ERRORS,
-                         ids=[reason for _, reason in SPEC_ERRORS])
-def test_from_dict_errors(raw: Any, reason: str) -> None:
-    with pytest.raises(DeviceSpecError) as err:
-        DiskDevice.from_dict(raw)
-    assert err.value.reason == reason
-    assert reason in str(err.value)
-
-
-def test_spec_errors_are_typed() -> None:
-    with pytest.raises(DeviceSpecError) as err:
-        DiskDevice.from_dict(dict(LUN_DICT, serial="S"))
-    assert err.value.key == "serial"
-    assert isinstance(err.value, DomainXmlError) and isinstance(err.value, VirtXmlError)
-    assert isinstance(err.value, ValueError)
-
-
 @pytest.mark.parametrize(("device", "source", "reason"), [
     (DiskDevice("disk", "scsi", 0), None, "missing_source"),
     (DiskDevice("lun", "scsi", 0), None, "missing_source"),
@@ -554,13 +424,22 @@ def test_metadata_errors(xml: str, reason: str) -> None:
     (lambda: CdChange("ejecting", PDIV), "invalid_change"),
     (lambda: CdChange("flying"), "invalid_change"),  # type: ignore[arg-type]
     (lambda: VmMetadata(-1), "invalid_generation"),
-    (lambda: Pdiv("p", "d", "i", ""), "invalid_pdiv"),
-    (lambda: Pdiv.from_dict("p/d/i/v"), "invalid_pdiv"),
 ])
 def test_metadata_object_errors(make: Any, reason: str) -> None:
     with pytest.raises(MetadataError) as err:
         make()
     assert err.value.reason == reason
+
+
+@pytest.mark.parametrize("make", [
+    lambda: Pdiv("p", "d", "i", ""),
+    lambda: Pdiv.from_dict("p/d/i/v"),
+])
+def test_pdiv_errors(make: Any) -> None:
+    """The one Pdiv (storage's) refuses a bad id with the same reason metadata reports."""
+    with pytest.raises(PdivError) as err:
+        make()
+    assert err.value.reason == "invalid_pdiv"
 
 
 def test_replace_metadata_needs_a_domain() -> None:

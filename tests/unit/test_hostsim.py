@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,8 @@ def sim(pki: tuple[ServerTls, ClientTls]) -> Iterator[Simulator]:
                          change_rate=0.25, change_interval=0.2, guest_name_delay=0.1, seed=3)
     with Simulator(options, pki[0]) as simulator:
         yield simulator
+    # Every error the tests provoked was one its verb declares.
+    assert [d.undeclared for d in simulator.dispatchers] == [Counter()] * options.hosts
 
 
 def client(sim: Simulator, pki: tuple[ServerTls, ClientTls], index: int = 0) -> HostClient:

@@ -4,16 +4,18 @@ objects with stable codes, batches, notifications, and per-key serialisation."""
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
+from collections import Counter
 from typing import Any
 
 import anyio
 import pytest
 from pydantic import Field
 
-from virtyard.host.rpc.errors import IscsiDiscoveryError
-from virtyard.host.rpc.jsonrpc import Dispatcher
+from virtyard.host.rpc.errors import HostError, InvalidParamsError, IscsiDiscoveryError
+from virtyard.host.rpc.jsonrpc import COMMON_ERRORS, Dispatcher
 from virtyard.host.rpc.locks import KeyedLocks
 from virtyard.host.rpc.schema import NoParams, Params, Schema
 
@@ -43,6 +45,16 @@ def echo(ctx: Ctx, p: EchoParams) -> dict[str, Any]:
 @schema.verb("Test.fail", params=NoParams, result=None, errors=(IscsiDiscoveryError,))
 def fail(ctx: Ctx, p: NoParams) -> None:
     raise IscsiDiscoveryError("portal=1.2.3.4:3260, err=connect", portal="1.2.3.4:3260")
+
+
+@schema.verb("Test.undeclared", params=NoParams, result=None)
+def undeclared(ctx: Ctx, p: NoParams) -> None:
+    raise IscsiDiscoveryError("a bug: this verb does not declare it", portal="1.2.3.4:3260")
+
+
+@schema.verb("Test.badInput", params=NoParams, result=None)
+def bad_input(ctx: Ctx, p: NoParams) -> None:
+    raise InvalidParamsError("invalid parameter 'x': a check the model could not make")
 
 
 @schema.verb("Test.crash", params=NoParams, result=None)
@@ -196,3 +208,45 @@ def test_keyed_locks_release_on_error() -> None:
     with locks.hold(["y", "x"]):
         pass
     assert len(locks) == 0
+
+
+def test_one_table_with_scopes() -> None:
+    """The agent's users share one table; a scope's keys never meet another scope's."""
+    table = KeyedLocks()
+    vms, prepares = table.scope("vm:"), table.scope("prepare:")
+    dispatcher = Dispatcher(schema, Ctx(), locks=table)
+    with vms.hold(["a"]), prepares.hold(["a"]), dispatcher.locks.hold(["a"]):
+        assert table.held() == ["a", "prepare:a", "vm:a"]
+        with pytest.raises(TimeoutError), vms.hold(["a"], timeout=0):
+            pass
+        with vms.hold(["b"], timeout=0):
+            assert "vm:b" in table.held()
+    assert table.held() == []
+
+
+def test_undeclared_errors_are_logged_as_bugs_and_returned(
+        dispatcher: Dispatcher[Ctx], caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="virtyard.host.rpc"):
+        declared = _ask(dispatcher, {"jsonrpc": "2.0", "id": 1, "method": "Test.fail"})
+        common = _ask(dispatcher, {"jsonrpc": "2.0", "id": 2, "method": "Test.badInput"})
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert dispatcher.undeclared == Counter()
+        answer = _ask(dispatcher, {"jsonrpc": "2.0", "id": 3, "method": "Test.undeclared"})
+    assert (declared["error"]["code"], common["error"]["code"]) == (475, -32602)
+    assert answer["error"]["code"] == 475  # returned as raised, with its data
+    assert answer["error"]["data"] == {"name": "iSCSIDiscoveryError", "portal": "1.2.3.4:3260"}
+    assert dispatcher.undeclared == Counter({("Test.undeclared", "iSCSIDiscoveryError"): 1})
+    [bug] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "Test.undeclared raised iSCSIDiscoveryError" in bug.getMessage()
+
+
+def test_every_agent_verb_declares_its_errors_sensibly() -> None:
+    """Walk the agent's schema: declared errors are domain errors (the common ones need no
+    declaring), each code once per verb."""
+    from virtyard.host.verbs import SCHEMA  # noqa: PLC0415
+
+    for name, verb in SCHEMA.verbs.items():
+        for error in verb.errors:
+            assert issubclass(error, HostError) and error not in COMMON_ERRORS, (name, error)
+        codes = [e.code for e in verb.errors]
+        assert len(codes) == len(set(codes)), name

@@ -34,7 +34,6 @@ from virtyard.host.storage import block_domain, lvm
 from virtyard.host.storage.block_domain import (
     EXTENT_SIZE,
     Extent,
-    Pdiv,
     VolumeInfo,
     domain_info,
     is_iso9660,
@@ -59,6 +58,7 @@ from virtyard.host.storage.lvm_label import (
     VgPv,
     parse_metadata,
 )
+from virtyard.host.storage.pdiv import Pdiv
 from virtyard.host.storage.volumes import (
     PreparedState,
     PreparedVolume,

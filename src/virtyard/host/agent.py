@@ -6,6 +6,7 @@ import logging
 import os
 
 from virtyard.host.config import HostConfig
+from virtyard.host.rpc.locks import KeyedLocks
 from virtyard.host.storage.connections import ConnectionRegistry
 from virtyard.host.storage.devices import DeviceService
 from virtyard.host.storage.initiator import Initiator, choose_initiator_kind
@@ -37,6 +38,8 @@ class HostAgent:
 
     def __init__(self, config: HostConfig, *, initiator: Initiator | None = None) -> None:
         self.config = config
+        # The agent's one table of named locks (verbs, VMs, volume prepares: see rpc/locks.py).
+        self.locks = KeyedLocks()
         self.initiator = initiator or make_initiator(config)
         self.connections = ConnectionRegistry(config.state_dir / "storage" / "connections.json")
         self.devices = DeviceService(self.initiator, self.connections,
@@ -45,7 +48,7 @@ class HostAgent:
         self.volumes = VolumeService(config.state_dir / "storage", self.initiator, self.devices,
                                      initiator_name=config.storage.initiator_name,
                                      timeout=config.storage.login_timeout,
-                                     lvm_udev=config.storage.lvm_udev)
+                                     lvm_udev=config.storage.lvm_udev, locks=self.locks)
         self.libvirt = LibvirtConnection(config.libvirt.uri)
         self.sources = VolumeSources(self.volumes, self.connections, ChapSecrets(self.libvirt),
                                      initiator_name=config.storage.initiator_name)
@@ -53,7 +56,7 @@ class HostAgent:
                                     initiator_kind=self.initiator.kind,
                                     initiator_name=config.storage.initiator_name)
         self.vms = VmManager(self.libvirt, self.drives, virt_type=virt_type(config),
-                             release=self.sources.release)
+                             release=self.sources.release, locks=self.locks)
         self.cd = CdServices(self.vms, self.volumes, self.sources, die_at=config.debug.die_at)
         self.migrations = Migrations(self.vms, config)
         self.guest_names = GuestNames(self.vms, config.state_dir / "ch")

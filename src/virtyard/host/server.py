@@ -56,7 +56,7 @@ def serve(config: HostConfig, agent: HostAgent | None = None) -> None:
     agent = agent or HostAgent(config)
     agent.recover()
     vm_events(agent)  # libvirt's events followed from the start, not from the first long-poll
-    dispatcher = Dispatcher(SCHEMA, agent, workers=config.server.workers)
+    dispatcher = Dispatcher(SCHEMA, agent, workers=config.server.workers, locks=agent.locks)
     for path in (config.server.cert, config.server.key, config.server.ca):
         if not path.exists():
             raise ConfigError(f"TLS file {path} not found (see docs/host-agent.md: enrolment)")

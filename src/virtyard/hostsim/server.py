@@ -87,7 +87,8 @@ class SimDispatcher(Dispatcher[SimHost]):
             if inspect.isawaitable(result):
                 result = await result
             return verb.dump_result(result)
-        except HostError:
+        except HostError as exc:
+            self._check_declared(verb, exc, self.ctx.name)
             raise
         except Exception as exc:
             log.exception("%s on %s crashed", method, self.ctx.name)
@@ -121,6 +122,7 @@ class Simulator:
         self.hosts = [SimHost(i, options, started_at=self.started_at, rng=self.rng)
                       for i in range(options.hosts)]
         self.router = PortRouter()
+        self.dispatchers: list[SimDispatcher] = []
         self.sockets: list[socket.socket] = []
         self.server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -154,6 +156,7 @@ class Simulator:
             raise
         for host in self.hosts:
             dispatcher = SimDispatcher(SIM_SCHEMA, host)
+            self.dispatchers.append(dispatcher)
             self.router.apps[host.port] = cast(AsgiApp, build_app(cast(Any, dispatcher)))
 
     def close_sockets(self) -> None:

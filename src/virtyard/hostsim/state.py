@@ -32,6 +32,7 @@ from virtyard.host.verbs.storage import (
     PathStatus,
 )
 from virtyard.host.verbs.vm import VmDefinition, VmParams, VmStats
+from virtyard.host.virt.device_specs import disk_dict, parse_disks
 from virtyard.host.virt.domain_xml import DiskDevice, drive_name
 from virtyard.host.virt.events import (
     REASON_DESTROYED,
@@ -40,7 +41,6 @@ from virtyard.host.virt.events import (
     EventLog,
     sequence_base,
 )
-from virtyard.host.virt.vm_params import parse_disks
 
 SAN_IQN = "iqn.2026-11.org.virtyard.hostsim:san"
 NAMESPACE = uuid.UUID("5b0c4a55-7e2d-4d0e-9a61-3f1c2b8d9e70")  # stable ids across runs
@@ -115,7 +115,7 @@ class SimVm:
     def _define(self) -> VmDefinition:
         devices = []
         for name, disk in sorted(self.disks.items()):
-            entry = disk.to_dict()
+            entry = disk_dict(disk)
             entry["guestName"] = self.guest_names.get(name, "")
             devices.append(entry)
         return VmDefinition(vmId=self.vm_id, vmName=self.name, status=self.status,
@@ -274,7 +274,7 @@ class SimHost:
         if params.vmId in self.vms:
             raise VmExistsError(f"virtual machine {params.vmId} already exists",
                                 vmId=params.vmId)
-        disks = parse_disks(params.devices)
+        disks = [d.disk() for d in params.devices]  # checked, alone and together
         invisible = [f"LUN {d.guid}" for d in disks if d.guid and d.guid not in self.luns]
         if invisible:
             raise VmCreateError(f"not visible on this host: {', '.join(invisible)}",

@@ -41,6 +41,7 @@ from virtyard.host.verbs.vm import (
     DriveParams,
     ShutdownParams,
     ShutdownResult,
+    UnplugParams,
     VmDefinition,
     VmIdParams,
     VmListParams,
@@ -231,11 +232,11 @@ def vm_get_stats(host: SimHost, p: VmIdParams) -> list[VmStats]:
                  errors=_errors("VM.hotplugDisk"))
 def vm_hotplug_disk(host: SimHost, p: DriveParams) -> VmDefinition:
     """The disk is plugged at once; the guest names it a moment later (a second change)."""
-    return host.hotplug(p.vmID, p.drive).definition()
+    return host.hotplug(p.vmID, p.drive.wire()).definition()
 
 
-@SIM_SCHEMA.verb("VM.hotunplugDisk", params=DriveParams, result=VmDefinition,
+@SIM_SCHEMA.verb("VM.hotunplugDisk", params=UnplugParams, result=VmDefinition,
                  errors=_errors("VM.hotunplugDisk"))
-def vm_hotunplug_disk(host: SimHost, p: DriveParams) -> VmDefinition:
+def vm_hotunplug_disk(host: SimHost, p: UnplugParams) -> VmDefinition:
     """The disk is gone at once."""
-    return host.hotunplug(p.vmID, p.drive).definition()
+    return host.hotunplug(p.vmID, p.drive.wire()).definition()

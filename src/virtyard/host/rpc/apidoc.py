@@ -44,6 +44,30 @@ def _type_name(schema: dict[str, Any] | bool) -> str:
     return str(kind)
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _parameter_models(definitions: dict[str, Any]) -> list[str]:
+    """A table for every model nested in the parameters (a disk dict's fields, …)."""
+    lines: list[str] = []
+    for name, definition in sorted(definitions.items()):
+        props = definition.get("properties")
+        if not props:
+            continue
+        required = set(definition.get("required", []))
+        about = inspect.cleandoc(definition.get("description", "")).split("\n\n")[0]
+        lines += ["", f"`{name}`" + (f": {_cell(about)}" if about else ""), "",
+                  "| field | type | default | description |", "|---|---|---|---|"]
+        for field, prop in props.items():
+            default = ("required" if field in required else
+                       json.dumps(prop["default"], default=str) if "default" in prop else
+                       "[]" if prop.get("type") == "array" else "{}")
+            lines.append(f"| `{field}` | {_cell(_type_name(prop))} | {default} | "
+                         f"{_cell(prop.get('description', ''))} |")
+    return lines
+
+
 def _verb_section(verb: Verb[Any]) -> list[str]:
     doc = inspect.cleandoc(verb.doc) if verb.doc else "(no description)"
     lines = [f"## `{verb.name}`", "", doc, "", "**Parameters**", ""]
@@ -62,6 +86,7 @@ def _verb_section(verb: Verb[Any]) -> list[str]:
             description = (field.description or "").replace("|", "\\|")
             kind = _type_name(prop).replace("|", "\\|")
             lines.append(f"| `{name}` | {kind} | {default} | {description} |")
+    lines += _parameter_models(params_schema.get("$defs", {}))
     result_schema = TypeAdapter(verb.result).json_schema()
     lines += ["", f"**Returns** `{_type_name(result_schema)}`", ""]
     definitions = dict(result_schema.get("$defs", {}))

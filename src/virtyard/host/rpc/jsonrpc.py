@@ -3,6 +3,13 @@
 Transport-free: the HTTPS server hands it request bodies, tests and benchmarks call it directly.
 Each verb runs in a worker thread (libvirt, libiscsi and the LVM tools block), under the named
 locks its schema entry declares.
+
+Declared errors are enforced: a verb may fail with the errors its schema entry declares and the
+common ones (:data:`COMMON_ERRORS`); any other :class:`HostError` is logged as a bug and counted
+in :attr:`Dispatcher.undeclared` — and still returned as raised. Returning it keeps the code and
+data a caller may act on (a missing VM stays ``noVM``); mapping it to a general error would turn
+a documentation bug into a behaviour change. The fix is always to declare it (or stop raising
+it), and tests assert the count is zero.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import json
 import logging
 import time
 import uuid
+from collections import Counter
 from typing import Any, Generic
 
 import anyio
@@ -19,26 +27,35 @@ import anyio.to_thread
 from virtyard.host.rpc.errors import (
     GeneralError,
     HostError,
+    InternalError,
+    InvalidParamsError,
     InvalidRequestError,
     MethodNotFoundError,
     ParseError,
 )
 from virtyard.host.rpc.locks import KeyedLocks
-from virtyard.host.rpc.schema import Ctx, Schema
+from virtyard.host.rpc.schema import Ctx, Schema, Verb
 
 log = logging.getLogger("virtyard.host.rpc")
 
 MAX_BODY = 16 << 20  # a request larger than this is refused unread
+# Any verb may fail with these: the protocol's own, and an unexpected failure.
+COMMON_ERRORS: tuple[type[HostError], ...] = (
+    ParseError, InvalidRequestError, MethodNotFoundError, InvalidParamsError, InternalError,
+    GeneralError)
 
 
 class Dispatcher(Generic[Ctx]):
     """Runs verbs of ``schema`` against ``ctx`` (the agent's services)."""
 
-    def __init__(self, schema: Schema[Ctx], ctx: Ctx, *, workers: int = 32) -> None:
+    def __init__(self, schema: Schema[Ctx], ctx: Ctx, *, workers: int = 32,
+                 locks: KeyedLocks | None = None) -> None:
         self.schema = schema
         self.ctx = ctx
-        self.locks = KeyedLocks()
+        self.locks = KeyedLocks() if locks is None else locks  # the agent's one table
         self._limiter = anyio.CapacityLimiter(workers)
+        # (verb, error name) -> how often a verb raised an error it does not declare
+        self.undeclared: Counter[tuple[str, str]] = Counter()
 
     def call(self, method: str, params: object = None, *, request_id: str = "-") -> Any:
         """Run one verb synchronously and return its JSON-ready result; raise HostError."""
@@ -54,12 +71,20 @@ class Dispatcher(Generic[Ctx]):
         except HostError as exc:
             log.warning("[%s] %s failed in %.3fs: %s %s", request_id, method,
                         time.monotonic() - start, exc.code, exc.message)
+            self._check_declared(verb, exc, request_id)
             raise
         except Exception as exc:
             log.exception("[%s] %s crashed", request_id, method)
             raise GeneralError(f"{type(exc).__name__}: {exc}") from exc
         log.info("[%s] %s ok in %.3fs", request_id, method, time.monotonic() - start)
         return out
+
+    def _check_declared(self, verb: Verb[Ctx], exc: HostError, request_id: str) -> None:
+        if isinstance(exc, (*COMMON_ERRORS, *verb.errors)):
+            return
+        self.undeclared[(verb.name, exc.name)] += 1
+        log.error("[%s] BUG: %s raised %s (%d), which its schema entry does not declare; "
+                  "returned as raised", request_id, verb.name, exc.name, exc.code)
 
     async def handle_body(self, body: bytes) -> bytes | None:
         """Answer one HTTP body: a request, a notification or a batch (None: nothing to send)."""

@@ -1,11 +1,17 @@
 """Named locks: verbs run concurrently, but operations on the same connection, device or VM
-are serialised. Locks are created on first use and dropped when nobody holds or waits for them."""
+are serialised. Locks are created on first use and dropped when nobody holds or waits for them.
+
+One table can serve every user: each takes a :meth:`KeyedLocks.scope` (``vm:``, ``prepare:``)
+so that its keys never meet another's by accident, while the dispatcher's verb locks use their
+own ``connection:``, ``lun:``, ``domain:`` and ``volume:`` keys. Locks that guard one object's
+data (a ``threading.Lock`` around a dict) are not named locks and stay where they are.
+"""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 
 class KeyedLocks:
@@ -51,3 +57,25 @@ class KeyedLocks:
     def __len__(self) -> int:
         with self._guard:
             return len(self._locks)
+
+    def held(self) -> list[str]:
+        """The keys held or waited for now (for debugging and tests)."""
+        with self._guard:
+            return sorted(self._locks)
+
+    def scope(self, prefix: str) -> LockScope:
+        """This table seen through ``prefix``: ``scope("vm:").hold([id])`` holds ``vm:<id>``."""
+        return LockScope(self, prefix)
+
+
+class LockScope:
+    """A prefix on a :class:`KeyedLocks` table, with the same :meth:`hold`."""
+
+    def __init__(self, table: KeyedLocks, prefix: str) -> None:
+        self.table = table
+        self.prefix = prefix
+
+    def hold(self, keys: list[str], *, timeout: float | None = None
+             ) -> AbstractContextManager[None]:
+        """:meth:`KeyedLocks.hold` of the prefixed keys."""
+        return self.table.hold([self.prefix + key for key in keys], timeout=timeout)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+from pydantic_core import ErrorDetails
 
 from virtyard.host.rpc.errors import HostError, InvalidParamsError
 
@@ -61,7 +62,7 @@ class Verb(Generic[Ctx]):
         try:
             return self.params.model_validate(raw)
         except ValidationError as exc:
-            raise InvalidParamsError(_describe(exc), errors=_error_list(exc)) from None
+            raise InvalidParamsError(_describe(exc), **_detail(exc)) from None
 
     def dump_result(self, value: Any) -> Any:
         """The result as JSON-ready data, checked against the declared result type."""
@@ -73,20 +74,42 @@ class Verb(Generic[Ctx]):
         return sorted(set(self.locks(params))) if self.locks else []
 
 
+def _where(err: ErrorDetails) -> str:
+    """The parameter an error is about, ``vmParams.devices[2].iface``: pydantic's location,
+    plus the field a custom error names inside the value it checked (context ``field``)."""
+    loc: list[str | int] = list(err["loc"])
+    inner = (err.get("ctx") or {}).get("field")
+    if isinstance(inner, str) and inner:
+        loc += [int(p) if p.isdigit() else p for p in inner.split(".")]
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out
+
+
 def _error_list(exc: ValidationError) -> list[dict[str, str]]:
-    return [{"parameter": ".".join(str(p) for p in err["loc"]), "error": err["msg"]}
-            for err in exc.errors()]
+    return [{"parameter": _where(err), "error": err["msg"]} for err in exc.errors()]
 
 
 def _describe(exc: ValidationError) -> str:
     """'invalid parameter 'port': Input should be a valid integer' — the first problem, named."""
     err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "params"
+    where = _where(err) or "params"
     if err["type"] == "missing":
         return f"missing parameter '{where}'"
     if err["type"] == "extra_forbidden":
         return f"unknown parameter '{where}'"
     return f"invalid parameter '{where}': {err['msg']}"
+
+
+def _detail(exc: ValidationError) -> dict[str, Any]:
+    """``data`` of the -32602 error: every problem, and the first one's parameter and (for a
+    rule of ours, e.g. ``lun_needs_scsi``) its stable reason."""
+    first = exc.errors()[0]
+    out: dict[str, Any] = {"errors": _error_list(exc), "parameter": _where(first) or "params"}
+    if "field" in (first.get("ctx") or {}):
+        out["reason"] = first["type"]
+    return out
 
 
 class Schema(Generic[Ctx]):

@@ -31,10 +31,9 @@ import hashlib
 import logging
 import os
 import re
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Literal, Protocol
+from typing import Final, Literal
 
 from virtyard.host.rpc.errors import (
     CannotDeleteVolumeError,
@@ -67,6 +66,7 @@ from virtyard.host.storage.initiator import Device, Initiator, InitiatorError
 from virtyard.host.storage.lun_device import LunDeviceError, LunDevices
 from virtyard.host.storage.lvm import Lvm, LvmError
 from virtyard.host.storage.lvm_label import LogicalVolume, PvInfo, VgMetadata
+from virtyard.host.storage.pdiv import Pdiv, canonical_uuid
 
 log = logging.getLogger("virtyard.host.storage.block_domain")
 
@@ -90,63 +90,6 @@ VolumeType = Literal["ISO", "DATA"]
 VolumeState = Literal["EMPTY", "READY"]
 VOLUME_TYPES: Final = ("ISO", "DATA")
 DOMAIN_NAME: Final = re.compile(r"^[A-Za-z0-9_.+-]{0,64}$")
-
-
-# -- identifiers --------------------------------------------------------------------------------
-
-class PdivLike(Protocol):
-    """Anything naming a volume by pool, domain, image and volume ids (``virt.metadata.Pdiv``
-    too)."""
-
-    @property
-    def pool_id(self) -> str: ...
-    @property
-    def domain_id(self) -> str: ...
-    @property
-    def image_id(self) -> str: ...
-    @property
-    def volume_id(self) -> str: ...
-
-
-def canonical_uuid(value: str, what: str) -> str:
-    """``value`` as a lower-case hyphenated UUID; :class:`InvalidParameterError` otherwise."""
-    try:
-        return str(uuid.UUID(str(value)))
-    except ValueError:
-        raise InvalidParameterError(f"{what} must be a UUID, not {value!r}") from None
-
-
-@dataclass(frozen=True, order=True)
-class Pdiv:
-    """pool, domain, image and volume UUIDs (oVirt's "PDIV"), canonical."""
-
-    pool_id: str
-    domain_id: str
-    image_id: str
-    volume_id: str
-
-    @classmethod
-    def of(cls, pdiv: PdivLike) -> Pdiv:
-        return cls(canonical_uuid(pdiv.pool_id, "poolID"),
-                   canonical_uuid(pdiv.domain_id, "domainID"),
-                   canonical_uuid(pdiv.image_id, "imageID"),
-                   canonical_uuid(pdiv.volume_id, "volumeID"))
-
-    @property
-    def key(self) -> str:
-        return "/".join((self.pool_id, self.domain_id, self.image_id, self.volume_id))
-
-    def to_dict(self) -> dict[str, str]:
-        return {"poolID": self.pool_id, "domainID": self.domain_id, "imageID": self.image_id,
-                "volumeID": self.volume_id}
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, str]) -> Pdiv:
-        return cls(raw["poolID"], raw["domainID"], raw["imageID"], raw["volumeID"])
-
-    def __str__(self) -> str:
-        return (f"pool {self.pool_id} domain {self.domain_id} image {self.image_id} "
-                f"volume {self.volume_id}")
 
 
 # -- what a domain and its volumes are ----------------------------------------------------------
@@ -361,7 +304,7 @@ class BlockDomains:
             f"storage domain {domain_id} is not on any LUN this host sees",
             domainID=domain_id)
 
-    def volume(self, pdiv: PdivLike) -> VolumeInfo:
+    def volume(self, pdiv: Pdiv) -> VolumeInfo:
         """The volume a PDIV names, checked: it exists in that domain, image and pool."""
         pdiv = Pdiv.of(pdiv)
         domain = self.domain(pdiv.domain_id)
@@ -518,7 +461,7 @@ class BlockDomains:
         log.info("storage domain %s removed", domain.domain_id)
         return domain
 
-    def create_volume(self, pdiv: PdivLike, size: int, vtype: str) -> VolumeInfo:
+    def create_volume(self, pdiv: Pdiv, size: int, vtype: str) -> VolumeInfo:
         """A new volume: an LV of ``size`` bytes (rounded up to whole extents), contiguous,
         tagged with its image, pool, type and state ``EMPTY``."""
         pdiv = Pdiv.of(pdiv)
@@ -546,7 +489,7 @@ class BlockDomains:
         log.info("volume %s created (%d bytes, %s)", pdiv, size, vtype)
         return self.volume(pdiv)
 
-    def remove_volume(self, pdiv: PdivLike) -> VolumeInfo:
+    def remove_volume(self, pdiv: Pdiv) -> VolumeInfo:
         """Remove a volume's LV. The caller makes sure it is not in use."""
         volume = self.volume(pdiv)
         domain = self.domain(volume.domain_id)
@@ -560,7 +503,7 @@ class BlockDomains:
         log.info("volume %s removed", volume.pdiv)
         return volume
 
-    def write(self, pdiv: PdivLike, offset: int, data: bytes) -> VolumeInfo:
+    def write(self, pdiv: Pdiv, offset: int, data: bytes) -> VolumeInfo:
         """Write ``data`` at ``offset`` of a volume that is not READY yet (an upload)."""
         volume = self.volume(pdiv)
         if volume.state == "READY":
@@ -604,7 +547,7 @@ class BlockDomains:
             data, offset = bytes(buffer), start
         return self.initiator.write(device, offset, data, timeout=self.timeout)
 
-    def verify(self, pdiv: PdivLike, size: int, sha256: str) -> VolumeInfo:
+    def verify(self, pdiv: Pdiv, size: int, sha256: str) -> VolumeInfo:
         """Check the first ``size`` bytes of a volume against ``sha256`` (read back over the
         initiator, not through the path that wrote them); an ISO volume must also hold an
         ISO 9660 image. On success the volume becomes READY with size and checksum in its tags.

@@ -17,6 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
+# CHAP credentials for discovery or login: the binding's one type (a plain value; importing it
+# loads no library), handed through to libiscsi as it is and to iscsiadm by field.
+from virtyard.host.storage.libiscsi.values import Chap as Chap  # noqa: PLC0414 (re-export)
+
 InitiatorKind = Literal["userspace", "kernel"]
 
 log = logging.getLogger(__name__)
@@ -63,17 +67,6 @@ class Secret(str):
 
     def __repr__(self) -> str:
         return "'***'"
-
-
-@dataclass(frozen=True)
-class Chap:
-    """CHAP credentials for discovery or login."""
-
-    username: str
-    password: Secret
-
-    def __repr__(self) -> str:
-        return f"Chap(username={self.username!r}, password='***')"
 
 
 @dataclass(frozen=True)

@@ -81,10 +81,6 @@ def _left(deadline: float) -> float:
     return max(deadline - time.monotonic(), 0.001)
 
 
-def _chap(chap: Chap | None) -> libiscsi.Chap | None:
-    return libiscsi.Chap(chap.username, str(chap.password)) if chap else None
-
-
 class UserspaceInitiator(Initiator):
     """:class:`Initiator` over libiscsi."""
 
@@ -98,7 +94,7 @@ class UserspaceInitiator(Initiator):
     def discover(self, portal: Portal, chap: Chap | None, *,
                  timeout: float) -> list[DiscoveredTarget]:
         found = _call(lambda: libiscsi.discover(
-            portal.host, portal.port, initiator_name=self.initiator_name, chap=_chap(chap),
+            portal.host, portal.port, initiator_name=self.initiator_name, chap=chap,
             timeout=timeout))
         out = []
         for target in found:
@@ -111,7 +107,7 @@ class UserspaceInitiator(Initiator):
         return libiscsi.Session.login(
             connection.portal.host, connection.portal.port, connection.iqn,
             initiator_name=connection.initiator_name or self.initiator_name,
-            chap=_chap(connection.chap), timeout=timeout)
+            chap=connection.chap, timeout=timeout)
 
     def login(self, connection: Connection, *, timeout: float) -> None:
         with _translated(), self._session(connection, timeout):

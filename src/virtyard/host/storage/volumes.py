@@ -47,6 +47,7 @@ import re
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -59,15 +60,13 @@ from virtyard.host.rpc.errors import (
     InvalidParameterError,
     VolumeIsBusyError,
 )
+from virtyard.host.rpc.locks import KeyedLocks
 from virtyard.host.storage.block_domain import (
     ISO_MAGIC,
     ISO_MAGIC_OFFSET,
     BlockDomains,
     DomainInfo,
-    Pdiv,
-    PdivLike,
     VolumeInfo,
-    canonical_uuid,
 )
 from virtyard.host.storage.devices import DeviceService
 from virtyard.host.storage.initiator import Initiator
@@ -81,6 +80,7 @@ from virtyard.host.storage.lvm import (
     run_lvm,
     udev_setting,
 )
+from virtyard.host.storage.pdiv import Pdiv, canonical_uuid
 
 log = logging.getLogger("virtyard.host.storage.volumes")
 
@@ -177,7 +177,8 @@ class VolumeService:
 
     def __init__(self, root: Path, initiator: Initiator, devices: DeviceService, *,
                  initiator_name: str, timeout: float, dm: bool | None = None,
-                 lvm_runner: Runner = run_lvm, lvm_udev: str = "auto") -> None:
+                 lvm_runner: Runner = run_lvm, lvm_udev: str = "auto",
+                 locks: KeyedLocks | None = None) -> None:
         self.root = root
         self.lvm_runner = lvm_runner
         self.initiator = initiator
@@ -188,7 +189,8 @@ class VolumeService:
         self.domains = BlockDomains(devices, initiator, self.lun_devices, dm=self.dm,
                                     timeout=timeout, udev=self.udev)
         self._lock = threading.Lock()
-        self._volume_locks: dict[str, threading.Lock] = {}
+        # One prepare or teardown of a volume at a time (``prepare:<domain>/<volume>``).
+        self._volume_locks = (KeyedLocks() if locks is None else locks).scope("prepare:")
         self._state = PreparedState(root / "prepared.json")
         # Volumes (domain/volume) and domains a prepare is working on, and those being removed:
         # removal and prepare exclude each other without serialising prepares.
@@ -197,7 +199,7 @@ class VolumeService:
 
     # -- prepare / teardown ---------------------------------------------------------------
 
-    def prepare(self, pdiv: PdivLike, user: str, *, iso: bool = False) -> PreparedVolume:
+    def prepare(self, pdiv: Pdiv, user: str, *, iso: bool = False) -> PreparedVolume:
         """Hold a volume for ``user``; the first user makes it usable by QEMU."""
         pdiv = Pdiv.of(pdiv)
         _check_user(user)
@@ -234,7 +236,7 @@ class VolumeService:
                     self._inflight.subtract(_busy_keys(pdiv))
                     self._inflight += Counter()  # drop zero counts
 
-    def teardown(self, pdiv: PdivLike, user: str) -> PreparedVolume | None:
+    def teardown(self, pdiv: Pdiv, user: str) -> PreparedVolume | None:
         """Release ``user``'s hold; the volume stays prepared (and is returned) while other users
         hold it, and after the last one is released (``None``). Idempotent."""
         pdiv = Pdiv.of(pdiv)
@@ -287,14 +289,14 @@ class VolumeService:
         with self._guard_removal(key, domain_id, None):
             return self.domains.remove(domain_id, force=force)
 
-    def remove_volume(self, pdiv: PdivLike) -> VolumeInfo:
+    def remove_volume(self, pdiv: Pdiv) -> VolumeInfo:
         """Remove a volume that is not prepared."""
         pdiv = Pdiv.of(pdiv)
         key = f"volume:{pdiv.domain_id}/{pdiv.volume_id}"
         with self._guard_removal(key, pdiv.domain_id, pdiv.volume_id):
             return self.domains.remove_volume(pdiv)
 
-    def write(self, pdiv: PdivLike, offset: int, data: bytes) -> VolumeInfo:
+    def write(self, pdiv: Pdiv, offset: int, data: bytes) -> VolumeInfo:
         """Write into a volume that is not prepared (an upload)."""
         pdiv = Pdiv.of(pdiv)
         self._refuse_if_used(pdiv.domain_id, pdiv.volume_id)
@@ -366,10 +368,8 @@ class VolumeService:
 
     # -- internals ------------------------------------------------------------------------
 
-    def _volume_lock(self, pdiv: Pdiv) -> threading.Lock:
-        key = f"{pdiv.domain_id}/{pdiv.volume_id}"
-        with self._lock:
-            return self._volume_locks.setdefault(key, threading.Lock())
+    def _volume_lock(self, pdiv: Pdiv) -> AbstractContextManager[None]:
+        return self._volume_locks.hold([f"{pdiv.domain_id}/{pdiv.volume_id}"])
 
     def _put(self, entry: PreparedVolume) -> None:
         """Record ``entry`` (caller holds ``_lock``)."""

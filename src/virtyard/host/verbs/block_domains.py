@@ -48,9 +48,9 @@ from virtyard.host.storage.block_domain import (
     DOMAIN_NAME,
     MAX_WRITE,
     DomainInfo,
-    Pdiv,
     VolumeInfo,
 )
+from virtyard.host.storage.pdiv import Pdiv
 from virtyard.host.storage.volumes import PreparedVolume
 from virtyard.host.verbs.registry import SCHEMA
 from virtyard.host.verbs.storage import Wwid
@@ -341,10 +341,13 @@ class PrepareParams(PdivParams):
                                                  "holding ISO 9660")
 
 
+# What preparing a volume can fail with (also VM.changeCD's, which prepares the new medium).
+PREPARE_ERRORS = (*_LOOKUP_ERRORS, IncorrectFormatError, ImagePathError, VolumeIsBusyError,
+                  InaccessiblePhysDevError, CannotActivateLogicalVolumeError)
+
+
 @SCHEMA.verb("Image.prepare", params=PrepareParams, result=PreparedResult,
-             errors=(*_LOOKUP_ERRORS, IncorrectFormatError, ImagePathError, VolumeIsBusyError,
-                     InaccessiblePhysDevError, CannotActivateLogicalVolumeError),
-             locks=_volume_locks)
+             errors=PREPARE_ERRORS, locks=_volume_locks)
 def prepare_image(agent: HostAgent, p: PrepareParams) -> PreparedResult:
     """Make a volume usable by QEMU for ``user`` (reference-counted per user; preparing again
     for the same user changes nothing).

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from virtyard.host.agent import HostAgent
 from virtyard.host.rpc.errors import (
@@ -17,6 +17,7 @@ from virtyard.host.rpc.errors import (
     HotplugDiskError,
     HotunplugDiskError,
     ImageFileNotFoundError,
+    InvalidParameterError,
     InvalidParamsError,
     MigrationError,
     MigrationInProgressError,
@@ -26,10 +27,18 @@ from virtyard.host.rpc.errors import (
     VmExistsError,
 )
 from virtyard.host.rpc.schema import NoParams, Params
+from virtyard.host.verbs.block_domains import PREPARE_ERRORS
 from virtyard.host.verbs.registry import SCHEMA
 from virtyard.host.virt.cdrom import change_cd, change_cd_legacy
+from virtyard.host.virt.device_specs import (
+    CdDriveSpec,
+    DeviceItem,
+    DiskSpec,
+    UnplugSpec,
+    disk_dict,
+    disks_together,
+)
 from virtyard.host.virt.hotplug import hotplug_disk, hotunplug_disk
-from virtyard.host.virt.metadata import Pdiv, VirtXmlError
 from virtyard.host.virt.migration import prepare_incoming
 from virtyard.host.virt.vms import VmSnapshot, VmStatsView
 
@@ -64,7 +73,7 @@ def definition_of(snap: VmSnapshot) -> VmDefinition:
     """The VM as the engine sees it: every disk dict with the guest's name for it."""
     devices = []
     for disk in snap.domain.disks:
-        entry = disk.device.to_dict()
+        entry = disk_dict(disk.device)
         entry["guestName"] = snap.metadata.device(disk.name).guest_name or ""
         devices.append(entry)
     return VmDefinition(vmId=snap.vm_id, vmName=snap.name, status=snap.status, hash=snap.hash,
@@ -84,8 +93,14 @@ class VmParams(BaseModel):
     initrd: str | None = None
     kernelArgs: str | None = None
     consoleLog: str | None = Field(default=None, description="serial console to this file")
-    devices: list[dict[str, Any]] = Field(default_factory=list,
-                                          description="device dicts (disks: type 'disk')")
+    devices: list[DeviceItem] = Field(
+        default_factory=list, description="device dicts: disks (type 'disk') are checked, "
+        "alone and together (one iface/index, one LUN unless shared); other types are ignored")
+
+    @field_validator("devices")
+    @classmethod
+    def _together(cls, devices: list[DiskSpec | None]) -> list[DiskSpec]:
+        return disks_together(devices)
 
 
 class CreateParams(Params):
@@ -185,55 +200,49 @@ def host_dumpxmls(agent: HostAgent, p: VmListParams) -> dict[str, str]:
 
 class DriveParams(Params):
     vmID: str = Field(pattern=VM_ID)
-    drive: dict[str, Any] = Field(description="a disk dict (unplug: GUID, or iface + index)")
+    drive: DiskSpec = Field(description="the disk dict")
+
+
+class UnplugParams(Params):
+    vmID: str = Field(pattern=VM_ID)
+    drive: UnplugSpec = Field(description="the disk: GUID, or iface + index")
 
 
 @SCHEMA.verb("VM.hotplugDisk", params=DriveParams, result=VmDefinition,
              errors=(NoSuchVmError, HotplugDiskError))
 def vm_hotplug_disk(agent: HostAgent, p: DriveParams) -> VmDefinition:
     """Plug a disk (a LUN by GUID) into the running VM; the LUN must be visible here."""
-    return definition_of(hotplug_disk(agent.vms, p.vmID, p.drive))
+    return definition_of(hotplug_disk(agent.vms, p.vmID, p.drive.wire()))
 
 
-@SCHEMA.verb("VM.hotunplugDisk", params=DriveParams, result=VmDefinition,
+@SCHEMA.verb("VM.hotunplugDisk", params=UnplugParams, result=VmDefinition,
              errors=(NoSuchVmError, HotunplugDiskError))
-def vm_hotunplug_disk(agent: HostAgent, p: DriveParams) -> VmDefinition:
+def vm_hotunplug_disk(agent: HostAgent, p: UnplugParams) -> VmDefinition:
     """Unplug a disk; waits (bounded) for the guest to release it."""
-    return definition_of(hotunplug_disk(agent.vms, p.vmID, p.drive))
+    return definition_of(hotunplug_disk(agent.vms, p.vmID, p.drive.wire()))
 
 
 # -- CD-ROM ------------------------------------------------------------------------------------
 
 class ChangeCdParams(Params):
     vmID: str = Field(pattern=VM_ID)
-    driveSpec: dict[str, Any] = Field(description=(
+    driveSpec: CdDriveSpec = Field(description=(
         "{drive_spec: PDIV dict or empty (eject), iface, index}; legacy {path, iface, index}"))
 
 
-def _cd_target(spec: dict[str, Any]) -> tuple[str, int]:
-    iface, index = spec.get("iface"), spec.get("index")
-    if not isinstance(iface, str) or isinstance(index, bool) or not isinstance(index, int):
-        raise InvalidParamsError("invalid parameter 'driveSpec': needs iface (string) and "
-                                 "index (integer)")
-    return iface, index
-
-
 @SCHEMA.verb("VM.changeCD", params=ChangeCdParams, result=VmDefinition,
-             errors=(NoSuchVmError, ChangeDiskError, ImageFileNotFoundError))
+             errors=(NoSuchVmError, ChangeDiskError, ImageFileNotFoundError,
+                     InvalidParameterError, *PREPARE_ERRORS))
 def vm_change_cd(agent: HostAgent, p: ChangeCdParams) -> VmDefinition:
     """Load, change or eject the CD of a running VM, atomically: on any failure the old CD
     stays in the drive and nothing new stays prepared; a crash at any step is recovered when
     the agent starts. ``drive_spec`` names an ISO volume on a block storage domain by PDIV."""
-    iface, index = _cd_target(p.driveSpec)
-    if "drive_spec" in p.driveSpec:
-        raw = p.driveSpec["drive_spec"]
-        try:
-            pdiv = Pdiv.from_dict(raw) if raw else None
-        except VirtXmlError as exc:
-            raise InvalidParamsError(f"invalid parameter 'driveSpec.drive_spec': {exc}") from None
-        return definition_of(change_cd(agent.cd, p.vmID, pdiv, iface, index))
-    if "path" in p.driveSpec and isinstance(p.driveSpec["path"], str):
-        return definition_of(change_cd_legacy(agent.cd, p.vmID, p.driveSpec["path"], iface, index))
+    spec = p.driveSpec
+    if spec.loads_volume:
+        pdiv = None if spec.drive_spec is None else spec.drive_spec.pdiv
+        return definition_of(change_cd(agent.cd, p.vmID, pdiv, spec.iface, spec.index))
+    if spec.path is not None:
+        return definition_of(change_cd_legacy(agent.cd, p.vmID, spec.path, spec.iface, spec.index))
     raise InvalidParamsError("invalid parameter 'driveSpec': give drive_spec (a PDIV, or empty "
                              "to eject) or path")
 

@@ -36,7 +36,7 @@ from virtyard.host.rpc.errors import (
     ImageFileNotFoundError,
     InvalidParamsError,
 )
-from virtyard.host.storage.block_domain import Pdiv as StoragePdiv
+from virtyard.host.storage.pdiv import Pdiv
 from virtyard.host.storage.volumes import VolumeService
 from virtyard.host.virt.domain_xml import (
     BlockSource,
@@ -46,7 +46,7 @@ from virtyard.host.virt.domain_xml import (
     Source,
     drive_name,
 )
-from virtyard.host.virt.metadata import CdChange, Pdiv, VmMetadata
+from virtyard.host.virt.metadata import CdChange, VmMetadata
 from virtyard.host.virt.vms import VmManager, VmSnapshot
 from virtyard.host.virt.volume_sources import VolumeSources, drive_user
 
@@ -75,7 +75,7 @@ def fault_point(svc: CdServices, step: str) -> None:
 
 
 def _key(pdiv: Pdiv | None) -> str | None:
-    return None if pdiv is None else StoragePdiv.of(pdiv).key
+    return None if pdiv is None else Pdiv.of(pdiv).key
 
 
 def _same_media(live: Source | None, wanted: Source | None) -> bool:
@@ -259,8 +259,7 @@ def _actual_pdiv(svc: CdServices, vm_id: str, disk: DomainDisk,
     seen: set[str] = set()
     by_key = {p.pdiv.key: p for p in svc.volumes.prepared()}
     options = [c for c in candidates if c is not None]
-    options += [Pdiv(p.pdiv.pool_id, p.pdiv.domain_id, p.pdiv.image_id, p.pdiv.volume_id)
-                for p in by_key.values() if user in p.users]
+    options += [p.pdiv for p in by_key.values() if user in p.users]
     for pdiv in options:
         key = _key(pdiv)
         if key in seen or key is None:

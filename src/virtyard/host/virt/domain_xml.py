@@ -1,9 +1,10 @@
 """libvirt domain XML as small objects that format and parse (lxml).
 
 The host agent turns the engine's device dicts into :class:`DiskDevice` objects
-(:meth:`DiskDevice.from_dict`, validated with :class:`DeviceSpecError`), resolves each disk's
-storage to a :class:`Source` elsewhere (a SAN LUN is :class:`BlockSource` ``/dev/mapper/<GUID>``
-with the kernel initiator, :class:`IscsiSource` with the user-space one), and formats a
+(:mod:`virtyard.host.virt.device_specs`; every rule fails with :class:`DeviceSpecError`),
+resolves each disk's storage to a :class:`Source` elsewhere (a SAN LUN is :class:`BlockSource`
+``/dev/mapper/<GUID>`` with the kernel initiator, :class:`IscsiSource` with the user-space one),
+and formats a
 :class:`Domain` (``VM.create``) or one disk (hot-plug, changeCD). :meth:`Domain.from_xml` parses
 libvirt's live XML back — addresses, aliases and our metadata included — so a VM keeps its device
 addresses across restarts and migration.
@@ -33,13 +34,13 @@ import dataclasses
 import re
 import uuid as uuid_mod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from lxml import etree
 
+from virtyard.host.storage.pdiv import Pdiv
 from virtyard.host.virt.metadata import (
     DeviceMetadata,
-    Pdiv,
     VirtXmlError,
     VmMetadata,
     find_metadata,
@@ -333,9 +334,9 @@ def _check_address(address: dict[str, str] | None, iface: str) -> None:
 class DiskDevice:
     """One disk of a VM as the engine describes it (no host paths: see :class:`Source`).
 
-    The structural rules hold for every instance; :meth:`from_dict` also requires what a disk
-    dict must say about its storage (a LUN's ``GUID``, a disk's ``GUID`` or ``PDIV``), which a
-    disk parsed from foreign XML may not know.
+    The structural rules hold for every instance; a disk dict must also say what its storage is
+    (a LUN's ``GUID``, a disk's ``GUID`` or ``PDIV``: :mod:`~virtyard.host.virt.device_specs`),
+    which a disk parsed from foreign XML may not know.
     """
 
     device: DeviceKind
@@ -422,63 +423,6 @@ class DiskDevice:
         """The target device name, e.g. ``sda``."""
         return drive_name(self.iface, self.index)
 
-    # -- the engine's device dict ---------------------------------------------------------------
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> DiskDevice:
-        """A disk from the engine's device dict; unknown keys (``specParams``…) are ignored."""
-        if not isinstance(raw, dict):
-            raise _spec("invalid_spec", f"a disk spec is a dict, not {raw!r}", "")
-        if raw.get("type", "disk") != "disk":
-            raise _spec("unknown_type", f"type must be 'disk', not {raw.get('type')!r}", "type")
-        for key in ("device", "iface", "index"):
-            if key not in raw:
-                raise _spec(f"missing_{key}", f"a disk dict needs {key!r}", key)
-        guid = _opt_str(raw, "GUID", "invalid_guid")
-        try:
-            pdiv = Pdiv.from_dict(raw["PDIV"]) if raw.get("PDIV") is not None else None
-        except VirtXmlError as exc:
-            raise _spec("invalid_pdiv", str(exc), "PDIV") from exc
-        device = raw["device"]
-        if device == "cdrom" and guid is not None:
-            raise _spec("guid_on_cdrom", "a CD-ROM holds a volume (PDIV), not a LUN", "GUID")
-        if device == "lun" and (guid is None or pdiv is not None):
-            raise _spec("lun_needs_guid", "a passthrough LUN is named by its GUID only", "GUID")
-        if device == "disk" and (guid is None) == (pdiv is None):
-            raise _spec("disk_needs_guid_or_pdiv", "a disk needs exactly one of GUID and PDIV",
-                        "GUID")
-        disk = cls(
-            device=device, iface=raw["iface"], index=_int(raw, "index", "invalid_index"),
-            guid=guid, pdiv=pdiv, address=_address_dict(raw.get("address")),
-            format=raw.get("format", "raw"),
-            boot_order=_int(raw, "bootOrder", "invalid_boot_order")
-            if raw.get("bootOrder") is not None else None,
-            propagate_errors=raw.get("propagateErrors"), shared=_shared(raw.get("shared")),
-            optional=_bool(raw, "optional"), readonly=_bool(raw, "readonly"),
-            serial=raw.get("serial"), disk_id=_opt_str(raw, "diskId", "invalid_disk_id"),
-            sgio=raw.get("sgio"), alias=_opt_str(raw, "alias", "invalid_alias"))
-        if raw.get("name") is not None and raw["name"] != disk.name:
-            raise _spec("name_mismatch", f"name {raw['name']!r} is not {disk.name!r} of iface "
-                        f"{disk.iface!r} index {disk.index}", "name")
-        return disk
-
-    def to_dict(self) -> dict[str, Any]:
-        """The device dict: ``type``, ``device``, ``iface``, ``index``, ``name``, ``format``,
-        ``readonly``, ``shared``, ``optional`` always; ``GUID``/``PDIV``, ``serial``,
-        ``address``, ``bootOrder``, ``propagateErrors``, ``sgio``, ``diskId``, ``alias`` when
-        set."""
-        out: dict[str, Any] = {"type": "disk", "device": self.device, "iface": self.iface,
-                               "index": self.index, "name": self.name, "format": self.format,
-                               "readonly": self.readonly, "shared": self.shared,
-                               "optional": self.optional}
-        optional: dict[str, Any] = {
-            "GUID": self.guid, "PDIV": None if self.pdiv is None else self.pdiv.to_dict(),
-            "serial": self.serial, "address": None if self.address is None else dict(self.address),
-            "bootOrder": self.boot_order, "propagateErrors": self.propagate_errors,
-            "sgio": self.sgio, "diskId": self.disk_id, "alias": self.alias}
-        out.update({k: v for k, v in optional.items() if v is not None})
-        return out
-
     # -- libvirt XML ----------------------------------------------------------------------------
 
     def to_element(self, source: Source | None) -> etree._Element:
@@ -521,47 +465,6 @@ class DiskDevice:
     def to_xml(self, source: Source | None) -> str:
         """The ``<disk>`` XML for define, hot-plug or ``updateDeviceFlags``."""
         return etree.tostring(self.to_element(source), encoding="unicode", pretty_print=True)
-
-
-def _opt_str(raw: dict[str, Any], key: str, reason: str) -> str | None:
-    value = raw.get(key)
-    if value is not None and (not isinstance(value, str) or not value):
-        raise _spec(reason, f"{key} must be a non-empty string, not {value!r}", key)
-    return value
-
-
-def _address_dict(value: object) -> Any:
-    # A copy, so the device does not share the caller's dict; the checks are DiskDevice's.
-    return dict(value) if isinstance(value, dict) else value
-
-
-def _int(raw: dict[str, Any], key: str, reason: str) -> int:
-    value = raw[key]
-    if isinstance(value, str) and value.lstrip("-").isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _spec(reason, f"{key} must be an integer, not {value!r}", key)
-    return value
-
-
-def _bool(raw: dict[str, Any], key: str) -> bool:
-    value = raw.get(key, False)
-    if value in ("true", "false"):
-        return bool(value == "true")
-    if not isinstance(value, bool):
-        raise _spec(f"invalid_{key}", f"{key} must be a boolean, not {value!r}", key)
-    return value
-
-
-def _shared(value: object) -> Shared:
-    if value is None or value is False or value == "false":
-        return "none"
-    if value is True or value == "true":
-        return "shared"
-    if value in ("shared", "exclusive", "none"):
-        return value
-    raise _spec("invalid_shared", f"shared must be a boolean or shared, exclusive or none, "
-                f"not {value!r}", "shared")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from typing import Any
 
 import libvirt
 
+from virtyard.host.virt.device_specs import disk_dict
 from virtyard.host.virt.disk_mapping import GuestReport, VmDisk, map_disks
 from virtyard.host.virt.domain_xml import (
     QEMU_GA_CHANNEL,
@@ -65,6 +66,7 @@ class GuestNames:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_sync = 0.0
+        self._libvirt_away = False  # said once until a sync succeeds again
 
     # -- channels ---------------------------------------------------------------------------
 
@@ -117,7 +119,11 @@ class GuestNames:
         while not self._stop.is_set():
             try:
                 self._step()
-            except Exception:  # never let one bad VM or a libvirt hiccup stop the service
+            except libvirt.libvirtError as exc:  # libvirtd away (a host without it): say so once
+                if not self._libvirt_away:
+                    log.warning("guest names: libvirt failed (%s); retrying", exc)
+                self._libvirt_away = True
+            except Exception:  # never let one bad VM stop the service
                 log.exception("guest names: step failed")
             self._wake.wait(TICK)
             self._wake.clear()
@@ -141,6 +147,9 @@ class GuestNames:
         for dom in self.vms.running():
             if self.vms.is_ours(dom):  # never connect to channels of domains we do not run
                 running[dom.UUIDString()] = dom
+        if self._libvirt_away:
+            log.info("guest names: libvirt answers again")
+            self._libvirt_away = False
         with self._lock:
             gone = [vm for vm in self._states if vm not in running]
             new = [vm for vm in running if vm not in self._states]
@@ -219,7 +228,7 @@ class GuestNames:
         try:
             with self.vms.locks.hold([vm_id], timeout=0.5):
                 snap = self.vms.snapshot(dom)
-                disks = [VmDisk.from_device(d.device.to_dict()) for d in snap.domain.disks]
+                disks = [VmDisk.from_device(disk_dict(d.device)) for d in snap.domain.disks]
                 result = map_disks(disks, [qga, ours])
                 digest = hashlib.sha1(json.dumps(result.guest_disk_mapping,
                                                  sort_keys=True).encode()).hexdigest()

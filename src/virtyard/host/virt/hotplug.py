@@ -19,9 +19,9 @@ import libvirt
 
 from virtyard.host.rpc.errors import HotplugDiskError, HotunplugDiskError, InvalidParamsError
 from virtyard.host.virt.device_events import Removal
+from virtyard.host.virt.device_specs import parse_disks
 from virtyard.host.virt.domain_xml import USER_ALIAS_PREFIX, DomainDisk, drive_name
 from virtyard.host.virt.drives import DriveNotVisibleError
-from virtyard.host.virt.vm_params import parse_disks
 from virtyard.host.virt.vms import VmManager, VmSnapshot
 
 log = logging.getLogger("virtyard.host.virt.hotplug")

@@ -40,18 +40,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 from lxml import etree
 
+from virtyard.host.storage.pdiv import PDIV_KEYS, Pdiv, PdivError
+
 METADATA_NS = "https://virtyard.org/vm/1"
 METADATA_KEY = "vy"
 
 ChangeState = Literal["loading", "ejecting"]
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_PDIV_TAGS = ("poolID", "domainID", "imageID", "volumeID")
 
 
 class VirtXmlError(ValueError):
@@ -93,44 +92,20 @@ def _child_text(elem: etree._Element, tag: str) -> str | None:
     return (child.text or "").strip()
 
 
-@dataclass(frozen=True)
-class Pdiv:
-    """A volume in a storage domain: pool, domain, image and volume ids (oVirt's "PDIV")."""
+def _write_pdiv(parent: etree._Element, pdiv: Pdiv) -> None:
+    for tag, value in pdiv.to_dict().items():
+        _sub_text(parent, tag, value)
 
-    pool_id: str
-    domain_id: str
-    image_id: str
-    volume_id: str
 
-    def __post_init__(self) -> None:
-        for name in ("pool_id", "domain_id", "image_id", "volume_id"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not _ID_RE.match(value):
-                raise MetadataError("invalid_pdiv", f"{name} must be a non-empty id, "
-                                    f"not {value!r}", key="PDIV")
-
-    @classmethod
-    def from_dict(cls, raw: object) -> Pdiv:
-        """From the engine's ``{poolID, domainID, imageID, volumeID}``."""
-        if not isinstance(raw, dict) or set(_PDIV_TAGS) - set(raw):
-            raise MetadataError("invalid_pdiv", "PDIV must be a dict with poolID, domainID, "
-                                f"imageID and volumeID, not {raw!r}", key="PDIV")
-        return cls(raw["poolID"], raw["domainID"], raw["imageID"], raw["volumeID"])
-
-    def to_dict(self) -> dict[str, str]:
-        return {"poolID": self.pool_id, "domainID": self.domain_id,
-                "imageID": self.image_id, "volumeID": self.volume_id}
-
-    def _write(self, parent: etree._Element) -> None:
-        for tag, value in self.to_dict().items():
-            _sub_text(parent, tag, value)
-
-    @classmethod
-    def _read(cls, elem: etree._Element) -> Pdiv | None:
-        values = {tag: _child_text(elem, tag) for tag in _PDIV_TAGS}
-        if all(v is None for v in values.values()):
-            return None
-        return cls.from_dict(values)
+def _read_pdiv(elem: etree._Element) -> Pdiv | None:
+    values = {tag: _child_text(elem, tag) for tag in PDIV_KEYS}
+    if all(v is None for v in values.values()):
+        return None
+    try:
+        return Pdiv.from_dict(values)
+    except PdivError as exc:
+        raise MetadataError(exc.reason, str(exc).removeprefix(f"{exc.reason}: "),
+                            key=exc.key) from None
 
 
 @dataclass(frozen=True)
@@ -152,7 +127,7 @@ class CdChange:
         elem = etree.Element(_q("change"))
         _sub_text(elem, "state", self.state)
         if self.pdiv is not None:
-            self.pdiv._write(elem)
+            _write_pdiv(elem, self.pdiv)
         return elem
 
     @classmethod
@@ -161,7 +136,7 @@ class CdChange:
         if state not in ("loading", "ejecting"):
             raise MetadataError("invalid_change", f"change state must be loading or ejecting, "
                                 f"not {state!r}")
-        return cls(state, Pdiv._read(elem))  # type: ignore[arg-type]
+        return cls(state, _read_pdiv(elem))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -198,7 +173,7 @@ class DeviceMetadata:
         if self.guid is not None:
             _sub_text(elem, "GUID", self.guid)
         if self.pdiv is not None:
-            self.pdiv._write(elem)
+            _write_pdiv(elem, self.pdiv)
         if self.disk_id is not None:
             _sub_text(elem, "diskId", self.disk_id)
         if self.guest_name is not None:
@@ -216,7 +191,7 @@ class DeviceMetadata:
             raise MetadataError("invalid_shared", f"metadata shared must be exclusive, "
                                 f"not {shared!r}")
         change = elem.find(_q("change"))
-        return cls(guid=_child_text(elem, "GUID") or None, pdiv=Pdiv._read(elem),
+        return cls(guid=_child_text(elem, "GUID") or None, pdiv=_read_pdiv(elem),
                    disk_id=_child_text(elem, "diskId") or None,
                    guest_name=_child_text(elem, "guestName") or None,
                    shared=shared,  # type: ignore[arg-type]

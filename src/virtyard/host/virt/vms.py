@@ -19,6 +19,7 @@ import libvirt
 from virtyard.host.rpc.errors import NoSuchVmError, VmCreateError, VmExistsError
 from virtyard.host.rpc.locks import KeyedLocks
 from virtyard.host.virt.device_events import DeviceRemovals
+from virtyard.host.virt.device_specs import parse_disks
 from virtyard.host.virt.domain_xml import (
     QEMU_GA_CHANNEL,
     Channel,
@@ -30,7 +31,6 @@ from virtyard.host.virt.domain_xml import (
 from virtyard.host.virt.drives import DriveNotVisibleError, DriveResolver
 from virtyard.host.virt.libvirt_conn import LibvirtConnection
 from virtyard.host.virt.metadata import METADATA_KEY, METADATA_NS, VmMetadata
-from virtyard.host.virt.vm_params import parse_disks
 
 log = logging.getLogger("virtyard.host.virt.vms")
 
@@ -92,7 +92,8 @@ class VmManager:
     """All VM operations of one host agent."""
 
     def __init__(self, libvirt_conn: LibvirtConnection, drives: DriveResolver, *,
-                 virt_type: str, release: Callable[[str], None] = lambda vm_id: None) -> None:
+                 virt_type: str, release: Callable[[str], None] = lambda vm_id: None,
+                 locks: KeyedLocks | None = None) -> None:
         self.libvirt = libvirt_conn
         self.drives = drives
         # The guest-agent channels a VM gets on this host (set by the agent: paths it follows).
@@ -104,7 +105,8 @@ class VmManager:
         # Drops a VM's holds on image volumes when it stops or leaves this host.
         self.release = release
         self.virt_type = virt_type
-        self.locks = KeyedLocks()
+        # Per-VM locks (``vm:<id>`` in the agent's one lock table when it hands one in).
+        self.locks = (KeyedLocks() if locks is None else locks).scope("vm:")
         # Hot-unplugs waiting for libvirt's device-removed events (fed by the watcher).
         self.removals = DeviceRemovals()
 
