@@ -8,8 +8,9 @@ A test says what it needs in a few lines::
 
 The tests' lab has its own state directory (``.lab-test``, or ``$VIRTYARD_TEST_LAB``) and its own
 ports (``$VIRTYARD_TEST_PORT_OFFSET`` shifts every port the tests use), so ``make test`` passes
-while ``make demo`` runs. After the session the lab is taken down and the run fails if anything
-was left behind.
+while ``make demo`` runs. Two test runs side by side need offsets at least 100 apart: the
+lab's services sit on neighbouring ports (agents at base+0, +1, +9; engines at +0, +1...).
+After the session the lab is taken down and the run fails if anything was left behind.
 """
 
 from __future__ import annotations

@@ -36,7 +36,8 @@ MakeTarget = Callable[..., TargetInfo]
 
 @pytest.fixture(scope="module")
 def storage_host(lab: Lab) -> Iterator[StorageHostVM]:
-    """The lab's storage host VM, booted for this module and stopped after it."""
+    """The lab's storage host VM, booted for this module (or still up from
+    ``test_kernel_cdrom``, which runs first and leaves it running) and stopped after it."""
     lab.start_storage_host()
     yield lab.storage_host
     lab.storage_host.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -24,7 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="bring the lab up (idempotent)")
     up.add_argument("--profile", choices=("demo", "test", "kernel"), default="demo",
                     help="port set: 'demo' or 'test' (both can run at once); 'kernel' is "
-                         "'test' plus the storage host VM (kernel initiator, multipath, LVM)")
+                         "'test' plus the storage host VM (kernel initiator, multipath, LVM); "
+                         "'test' and 'kernel' ports move by $VIRTYARD_TEST_PORT_OFFSET, as "
+                         "the tests' do")
     up.add_argument("--storage-host", action="store_true",
                     help="also boot the storage host VM (TCG, ~1-2 min)")
     up.add_argument("--hosts", type=int, default=2, help="number of hypervisor hosts")
@@ -52,6 +55,29 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="print what runs, where, and how to reach it")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
+
+
+def up_config(args: argparse.Namespace) -> LabConfig:
+    """The configuration ``up`` gives a new lab: the profile's ports (``test`` and ``kernel``
+    moved by the tests' offset), hosts, storage host VM, or ports from ``--port-base``."""
+    config_of = LabConfig.demo if args.profile == "demo" else LabConfig.test
+    config = config_of(args.state_dir)
+    if args.profile != "demo":
+        config = config.shifted(_test_port_offset())
+    config = LabConfig(**{**config.__dict__, "host_count": args.hosts,
+                          "storage_host": args.storage_host or args.profile == "kernel"})
+    if args.port_base:
+        config = config.with_port_base(args.port_base)
+    return config
+
+
+def _test_port_offset() -> int:
+    """``$VIRTYARD_TEST_PORT_OFFSET``: the shift the test suite applies to the test ports."""
+    raw = os.environ.get("VIRTYARD_TEST_PORT_OFFSET", "0")
+    try:
+        return int(raw)
+    except ValueError:
+        raise LabError(f"VIRTYARD_TEST_PORT_OFFSET must be an integer, not {raw!r}") from None
 
 
 def parse_size(text: str) -> int:
@@ -156,14 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "up":
-            config_of = LabConfig.demo if args.profile == "demo" else LabConfig.test
-            config = config_of(args.state_dir)
-            config = LabConfig(**{**config.__dict__, "host_count": args.hosts,
-                                  "storage_host": args.storage_host
-                                  or args.profile == "kernel"})
-            if args.port_base:
-                config = config.with_port_base(args.port_base)
-            lab = Lab.load(args.state_dir) or Lab(config)
+            lab = Lab.load(args.state_dir) or Lab(up_config(args))
             status = lab.up()
             if args.env_file:
                 write_env_file(args.env_file, lab.env())

@@ -16,6 +16,11 @@ forwarded, and its packets never leave the QEMU process:
   path whose target went silent.
 * the agent's JSON-RPC port ``10.0.2.15:54321`` is forwarded to ``127.0.0.1:<agent port>``.
 
+A libvirtd runs in the guest (started at boot, before the agent; configuration in the guest's
+RAM overlay, QEMU as root, no virtlogd, no cgroups), so the agent's VM and CD-ROM verbs run on
+the kernel path too: a nested QEMU (TCG inside TCG; tiny guests that need not boot) opens the
+``lvchange -ay`` volumes. Its capability probe costs a few seconds once per boot.
+
 Commands for tests run through :mod:`virtyard.lab.storage_host_ctl` on a virtio-serial port.
 """
 
@@ -69,6 +74,25 @@ blacklist {
 }
 """
 
+# libvirtd in the guest: the local socket only; QEMU as root without confinement or cgroups
+# (the guest has neither AppArmor nor a cgroup hierarchy mounted), its output to files.
+LIBVIRTD_CONF = """\
+listen_tls = 0
+listen_tcp = 0
+unix_sock_group = "root"
+unix_sock_rw_perms = "0770"
+log_outputs = "3:file:/var/log/libvirt/libvirtd.log"
+"""
+QEMU_CONF = """\
+user = "root"
+group = "root"
+dynamic_ownership = 1
+remember_owner = 0
+stdio_handler = "file"
+security_driver = "none"
+cgroup_controllers = [ ]
+"""
+
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -108,6 +132,16 @@ class StorageHostVM:
     @property
     def ctl_socket(self) -> Path:
         return self.root / "ctl.sock"
+
+    @property
+    def agent_config(self) -> Path:
+        return self.root / "hostd.toml"
+
+    @property
+    def agent_config_once(self) -> Path:
+        """Used for the agent's next start only (then renamed away): a crash test's
+        ``[debug] die_at`` dies once, and the agent init starts again runs normally."""
+        return self.root / "hostd.once.toml"
 
     @property
     def initiator_name(self) -> str:
@@ -191,6 +225,9 @@ class StorageHostVM:
             f"::respawn:/usr/bin/python3 -I {CTL_SCRIPT}\n"
             "::shutdown:/bin/sync\n")
         (share / "multipath.conf").write_text(MULTIPATH_CONF)
+        (share / "libvirtd.conf").write_text(LIBVIRTD_CONF)
+        (share / "qemu.conf").write_text(QEMU_CONF)
+        self.agent_config_once.unlink(missing_ok=True)
         (share / "rc.sh").write_text(_RC.format(
             path=_PATH, share=share, iqn=self.initiator_name, ready=READY_MARKER,
             address=GUEST_ADDRESS))
@@ -198,10 +235,15 @@ class StorageHostVM:
             f"export PATH={_PATH}\n"
             f"cd {share}\n"
             f"echo $$ > {share}/agent.pid\n"
-            f"exec {python} -m virtyard.host.server --config {share}/hostd.toml "
+            f"config={self.agent_config}\n"
+            f'if [ -e "{self.agent_config_once}" ]; then\n'
+            f'    mv "{self.agent_config_once}" "{share}/hostd.armed.toml"\n'
+            f"    config={share}/hostd.armed.toml\n"
+            "fi\n"
+            f"exec {python} -m virtyard.host.server --config $config "
             f">>{self.agent_log} 2>&1\n")
         cert = self.pki.host_cert(NAME)
-        (share / "hostd.toml").write_text(
+        self.agent_config.write_text(
             f'name = "{NAME}"\n'
             f'state_dir = "{share / "state"}"\n\n'
             "[server]\n"
@@ -298,12 +340,23 @@ class StorageHostVM:
                 f"{str(reply.get('stderr', '')).strip()[-500:]}")
         return reply
 
-    def restart_agent(self, timeout: float = 180.0) -> None:
-        """End the guest's agent (busybox init starts it again) and wait until it answers."""
-        # The root is mounted cache=loose: forget cached files so edited sources are seen.
-        self.exec(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches; "
-                   f'kill "$(cat {self.root}/agent.pid)"'])
+    def restart_agent(self, timeout: float = 180.0, *, once: str = "",
+                      drop_caches: bool = True) -> None:
+        """End the guest's agent (busybox init starts it again) and wait until it answers.
+
+        ``once``: extra configuration (``[debug] die_at = ...``) for this start only.
+        ``drop_caches``: forget the 9p root's cached files (mounted ``cache=loose``) so edited
+        sources are seen; slower, since Python then reads its modules over 9p again.
+        """
+        if once:
+            self.agent_config_once.write_text(self.agent_config.read_text() + once)
+        drop = "sync; echo 3 > /proc/sys/vm/drop_caches; " if drop_caches else ""
+        self.exec(["sh", "-c", f'{drop}kill "$(cat {self.root}/agent.pid)"'])
         wait_until(lambda: not self._ready(), timeout=30, interval=0.2)
+        self.wait_agent(timeout)
+
+    def wait_agent(self, timeout: float = 180.0) -> None:
+        """Wait until the agent answers (after init started it again: its recovery is done)."""
         if not wait_until(self._ready, timeout=timeout, interval=0.5):
             raise StorageHostError(f"{NAME}: the agent did not come back in {timeout:.0f} s")
 
@@ -357,5 +410,13 @@ sed -i 's/^node.session.timeo.replacement_timeout.*/node.session.timeo.replaceme
 iscsid
 cp {share}/multipath.conf /etc/multipath.conf
 multipathd
+# libvirtd for the agent's VMs; guest-agent sockets cannot live on 9p: a tmpfs under state/.
+mkdir -p /var/log/libvirt/qemu /var/lib/libvirt /var/cache/libvirt /run/libvirt \
+    {share}/state/ch
+mount -t tmpfs -o mode=0700 tmpfs {share}/state/ch
+cp {share}/libvirtd.conf {share}/qemu.conf /etc/libvirt/
+libvirtd -d
+i=0
+while [ ! -S /run/libvirt/libvirt-sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 echo {ready} > /dev/console
 """

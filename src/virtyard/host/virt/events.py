@@ -269,6 +269,7 @@ class VmWatcher:
         self._callback_ids: list[int] = []
         self._events_live = False
         self._next_connect = 0.0
+        self._connect_failing = False
 
     # -- what other threads call ------------------------------------------------------------
 
@@ -337,8 +338,9 @@ class VmWatcher:
             self._connect_events()
         try:
             self.step()
-        except Exception:  # libvirt unreachable now: the thread takes the baseline later
-            log.exception("VM watcher: first poll failed")
+        except Exception as exc:  # libvirt unreachable now: the thread takes the baseline later
+            log.warning("VM watcher: first poll failed (%s); retrying", exc)
+            self._poll_failing = True
         self._thread = threading.Thread(target=self._run, name="vm-watcher", daemon=True)
         self._thread.start()
 
@@ -470,7 +472,10 @@ class VmWatcher:
             ensure_libvirt_event_loop()
             conn = libvirt.open(self.vms.libvirt.uri)
         except libvirt.libvirtError as exc:
-            log.warning("libvirt event connection to %s failed: %s", self.vms.libvirt.uri, exc)
+            if not self._connect_failing:  # say it once per outage, not every few seconds
+                log.warning("libvirt event connection to %s failed: %s; retrying",
+                            self.vms.libvirt.uri, exc)
+            self._connect_failing = True
             return
         try:
             with contextlib.suppress(libvirt.libvirtError):  # not every driver keeps alive
@@ -491,6 +496,7 @@ class VmWatcher:
             return
         self._conn = conn
         self._events_live = True
+        self._connect_failing = False
         self.vms.removals.live = True
         self._wake.set()  # catch up on whatever happened without events
         log.info("following libvirt domain events on %s", self.vms.libvirt.uri)

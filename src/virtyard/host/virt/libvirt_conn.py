@@ -41,12 +41,21 @@ class LibvirtConnection:
         self.uri = uri
         self._lock = threading.Lock()
         self._conn: libvirt.virConnect | None = None
+        self._failing = False  # the last open failed: pollers retry often, say it once
 
     def get(self) -> libvirt.virConnect:
         with self._lock:
             if self._conn is None or not self._conn.isAlive():
-                log.info("connecting to %s", self.uri)
-                self._conn = libvirt.open(self.uri)
+                if not self._failing:
+                    log.info("connecting to %s", self.uri)
+                try:
+                    self._conn = libvirt.open(self.uri)
+                except libvirt.libvirtError:
+                    self._failing = True
+                    raise
+                if self._failing:
+                    log.info("connected to %s again", self.uri)
+                self._failing = False
             return self._conn
 
     def call(self, fn: Callable[[libvirt.virConnect], T]) -> T:
