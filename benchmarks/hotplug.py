@@ -28,7 +28,8 @@ import libvirt
 from benchlab import bench_lab, vm_params
 
 from virtyard.host.virt.device_specs import disk_device
-from virtyard.host.virt.domain_xml import DomainDisk, IscsiSource
+from virtyard.host.virt.disk_sources import IscsiSource
+from virtyard.host.virt.domain_xml import DomainDisk
 from virtyard.lab import qga
 
 PORT_BASE = 23800

@@ -87,9 +87,16 @@ def main() -> int:
                 "getDeviceList checkStatus=true": lambda: verb_time(client, True),
             }
             times: dict[str, list[float]] = {name: [] for name in cases}
-            for _ in range(args.rounds):
-                for name, case in cases.items():
-                    times[name].append(case())
+            try:
+                for _ in range(args.rounds):
+                    for name, case in cases.items():
+                        times[name].append(case())
+            except Exception:  # the lab goes away with its logs: show the agent's side first
+                for log in (vm.agent_log, vm.console_log):
+                    if log.exists():
+                        print(f"--- {log} (end)", file=sys.stderr)
+                        print(log.read_text(errors="replace")[-6000:], file=sys.stderr)
+                raise
             client.call("StoragePool.disconnectStorageServer",
                         {"domainType": 3, "connectionParams": params})
     med = {name: statistics.median(values) for name, values in times.items()}

@@ -23,13 +23,8 @@ from virtyard.host.rpc.errors import ChangeDiskError, HostError, ImageFileNotFou
 from virtyard.host.storage.pdiv import Pdiv
 from virtyard.host.storage.volumes import PreparedVolume
 from virtyard.host.virt import cdrom
-from virtyard.host.virt.domain_xml import (
-    DiskDevice,
-    Domain,
-    DomainDisk,
-    IscsiSource,
-    StorageSlice,
-)
+from virtyard.host.virt.disk_sources import IscsiSource, StorageSlice
+from virtyard.host.virt.domain_xml import DiskDevice, Domain, DomainDisk
 from virtyard.host.virt.metadata import (
     CdChange,
     DeviceMetadata,

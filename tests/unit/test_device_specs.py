@@ -20,7 +20,8 @@ from virtyard.host.virt.device_specs import (
     disk_dict,
     parse_disks,
 )
-from virtyard.host.virt.domain_xml import DeviceSpecError, DiskDevice, DomainXmlError
+from virtyard.host.virt.disk_sources import DeviceSpecError, DomainXmlError
+from virtyard.host.virt.domain_xml import DiskDevice
 from virtyard.host.virt.metadata import VirtXmlError
 
 GUID = "360000000000000000e00000000010001"

@@ -15,25 +15,27 @@ import pytest
 from lxml import etree
 
 from virtyard.host.storage.pdiv import Pdiv, PdivError
-from virtyard.host.virt.domain_xml import (
-    QEMU_GA_CHANNEL,
-    VIRTYARD_GA_CHANNEL,
+from virtyard.host.virt.disk_sources import (
     BlockSource,
-    Channel,
-    Controller,
     DeviceSpecError,
-    DiskDevice,
-    Domain,
-    DomainDisk,
     DomainXmlError,
     FileSource,
     IscsiSource,
-    KernelBoot,
     Source,
     StorageSlice,
+    parse_source,
+)
+from virtyard.host.virt.domain_xml import (
+    QEMU_GA_CHANNEL,
+    VIRTYARD_GA_CHANNEL,
+    Channel,
+    Controller,
+    DiskDevice,
+    Domain,
+    DomainDisk,
+    KernelBoot,
     drive_name,
     parse_drive_name,
-    parse_source,
 )
 from virtyard.host.virt.metadata import (
     METADATA_KEY,

@@ -38,14 +38,8 @@ from virtyard.host.rpc.errors import (
 )
 from virtyard.host.storage.pdiv import Pdiv
 from virtyard.host.storage.volumes import VolumeService
-from virtyard.host.virt.domain_xml import (
-    BlockSource,
-    DomainDisk,
-    FileSource,
-    IscsiSource,
-    Source,
-    drive_name,
-)
+from virtyard.host.virt.disk_sources import BlockSource, FileSource, IscsiSource, Source
+from virtyard.host.virt.domain_xml import DomainDisk, drive_name
 from virtyard.host.virt.metadata import CdChange, VmMetadata
 from virtyard.host.virt.vms import VmManager, VmSnapshot
 from virtyard.host.virt.volume_sources import VolumeSources, drive_user

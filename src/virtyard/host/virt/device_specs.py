@@ -31,9 +31,9 @@ from pydantic_core import PydanticCustomError
 
 from virtyard.host.rpc.errors import InvalidParamsError
 from virtyard.host.storage.pdiv import Pdiv, PdivError
+from virtyard.host.virt.disk_sources import DeviceSpecError
 from virtyard.host.virt.domain_xml import (
     DeviceKind,
-    DeviceSpecError,
     DiskDevice,
     DiskFormat,
     Iface,

@@ -34,14 +34,23 @@ import dataclasses
 import re
 import uuid as uuid_mod
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Literal
 
 from lxml import etree
 
 from virtyard.host.storage.pdiv import Pdiv
+from virtyard.host.virt.disk_sources import (
+    BlockSource,
+    DeviceSpecError,
+    DomainXmlError,
+    FileSource,
+    Source,
+    int_attr,
+    parse_source,
+    sub_element,
+)
 from virtyard.host.virt.metadata import (
     DeviceMetadata,
-    VirtXmlError,
     VmMetadata,
     find_metadata,
     parse_xml,
@@ -79,14 +88,6 @@ _MEMORY_UNITS = {"b": 1, "bytes": 1, "KB": 10**3, "k": 2**10, "KiB": 2**10, "MB"
                  "TB": 10**12, "T": 2**40, "TiB": 2**40}
 
 
-class DomainXmlError(VirtXmlError):
-    """A domain XML could not be parsed into our objects, or a domain object is inconsistent."""
-
-
-class DeviceSpecError(DomainXmlError):
-    """A device dict or device object is invalid; ``reason`` says how, ``key`` names the field."""
-
-
 # -- target device names ------------------------------------------------------------------------
 
 def drive_name(iface: str, index: int) -> str:
@@ -119,195 +120,6 @@ def parse_drive_name(name: str) -> tuple[str, int]:
     for char in match.group(2):
         index = index * 26 + (ord(char) - ord("a") + 1)
     return match.group(1), index - 1
-
-
-# -- sources ------------------------------------------------------------------------------------
-
-def _sub(parent: etree._Element, tag: str, text: str | None = None,
-         **attrs: str) -> etree._Element:
-    elem = etree.SubElement(parent, tag, attrs)
-    if text is not None:
-        elem.text = text
-    return elem
-
-
-def _source_error(message: str) -> DeviceSpecError:
-    return DeviceSpecError("invalid_source", message, key="source")
-
-
-@dataclass(frozen=True)
-class StorageSlice:
-    """Only ``size`` bytes from ``offset`` of a source (libvirt ``<slice type='storage'>``): an
-    ISO volume inside an LVM PV read without device-mapper."""
-
-    offset: int
-    size: int
-
-    def __post_init__(self) -> None:
-        if self.offset < 0 or self.size <= 0:
-            raise _source_error(f"slice needs offset >= 0 and size > 0, not {self}")
-
-
-@dataclass(frozen=True)
-class _SourceBase:
-    disk_type: ClassVar[str]
-
-    def _finish(self, elem: etree._Element, slice_: StorageSlice | None) -> etree._Element:
-        if slice_ is not None:
-            slices = _sub(elem, "slices")
-            _sub(slices, "slice", type="storage", offset=str(slice_.offset),
-                 size=str(slice_.size))
-        return elem
-
-
-@dataclass(frozen=True)
-class BlockSource(_SourceBase):
-    """A host block device: ``<disk type='block'><source dev=…/>``."""
-
-    path: str
-    slice: StorageSlice | None = None
-    disk_type: ClassVar[str] = "block"
-
-    def __post_init__(self) -> None:
-        if not self.path.startswith("/"):
-            raise _source_error(f"block source needs an absolute path, not {self.path!r}")
-
-    @classmethod
-    def for_guid(cls, guid: str) -> BlockSource:
-        """The multipath device of a LUN (kernel initiator): ``/dev/mapper/<GUID>``."""
-        return cls(f"/dev/mapper/{guid}")
-
-    def to_element(self, *, optional: bool = False) -> etree._Element:
-        elem = etree.Element("source", dev=self.path)
-        if optional:
-            elem.set("startupPolicy", "optional")
-        return self._finish(elem, self.slice)
-
-
-@dataclass(frozen=True)
-class FileSource(_SourceBase):
-    """A host file (an ISO, a volume on file storage): ``<disk type='file'><source file=…/>``."""
-
-    path: str
-    slice: StorageSlice | None = None
-    disk_type: ClassVar[str] = "file"
-
-    def __post_init__(self) -> None:
-        if not self.path.startswith("/"):
-            raise _source_error(f"file source needs an absolute path, not {self.path!r}")
-
-    def to_element(self, *, optional: bool = False) -> etree._Element:
-        elem = etree.Element("source", file=self.path)
-        if optional:
-            elem.set("startupPolicy", "optional")
-        return self._finish(elem, self.slice)
-
-
-@dataclass(frozen=True)
-class IscsiSource(_SourceBase):
-    """A LUN QEMU reaches itself through libiscsi: ``<disk type='network'>`` with an iSCSI source.
-
-    With CHAP, ``auth_user`` and one of ``secret_usage`` / ``secret_uuid`` name a libvirt secret
-    of type ``iscsi`` defined elsewhere; the password never appears in domain XML.
-    """
-
-    host: str
-    port: int
-    iqn: str
-    lun: int
-    auth_user: str | None = None
-    secret_usage: str | None = None
-    secret_uuid: str | None = None
-    slice: StorageSlice | None = None
-    # The initiator name QEMU logs in with: the host's, so that arrays' ACLs (which name
-    # hosts' initiators) treat QEMU's session like the host's own.
-    initiator: str | None = None
-    disk_type: ClassVar[str] = "network"
-
-    def __post_init__(self) -> None:
-        if not self.host or not 0 < self.port < 65536:
-            raise _source_error(f"iSCSI source needs a host and a port 1-65535, "
-                                f"not {self.host!r}:{self.port!r}")
-        if not self.iqn or "/" in self.iqn or self.lun < 0:
-            raise _source_error(f"iSCSI source needs a target name without '/' and a LUN >= 0, "
-                                f"not {self.iqn!r} LUN {self.lun!r}")
-        has_secret = (self.secret_usage is not None) + (self.secret_uuid is not None)
-        if (self.auth_user is None and has_secret) or (self.auth_user is not None
-                                                       and has_secret != 1):
-            raise _source_error("CHAP needs auth_user and exactly one of secret_usage, "
-                                "secret_uuid")
-
-    def to_element(self, *, optional: bool = False) -> etree._Element:
-        # libvirt refuses startupPolicy on network sources: ``optional`` is left out.
-        del optional
-        elem = etree.Element("source", protocol="iscsi", name=f"{self.iqn}/{self.lun}")
-        _sub(elem, "host", name=self.host, port=str(self.port))
-        if self.auth_user is not None:
-            auth = _sub(elem, "auth", username=self.auth_user)
-            if self.secret_usage is not None:
-                _sub(auth, "secret", type="iscsi", usage=self.secret_usage)
-            else:
-                _sub(auth, "secret", type="iscsi", uuid=str(self.secret_uuid))
-        if self.initiator:
-            _sub(_sub(elem, "initiator"), "iqn", name=self.initiator)
-        return self._finish(elem, self.slice)
-
-
-Source = BlockSource | FileSource | IscsiSource
-
-
-def _int_attr(elem: etree._Element, attr: str, *, default: int | None = None) -> int:
-    raw = elem.get(attr)
-    if raw is None and default is not None:
-        return default
-    try:
-        return int(raw or "")
-    except ValueError:
-        raise DomainXmlError("invalid_xml", f"<{elem.tag!r} {attr}=…> must be an integer, "
-                             f"not {raw!r}") from None
-
-
-def _parse_slice(source: etree._Element) -> StorageSlice | None:
-    elem = source.find("slices/slice[@type='storage']")
-    if elem is None:
-        return None
-    return StorageSlice(_int_attr(elem, "offset", default=0), _int_attr(elem, "size"))
-
-
-def parse_source(disk: etree._Element) -> Source | None:
-    """The source of a ``<disk>`` element; ``None`` for an empty CD-ROM tray."""
-    disk_type = disk.get("type", "file")
-    source = disk.find("source")
-    if source is None:
-        return None
-    if disk_type == "block":
-        path = source.get("dev")
-        return None if path is None else BlockSource(path, _parse_slice(source))
-    if disk_type == "file":
-        path = source.get("file")
-        return None if path is None else FileSource(path, _parse_slice(source))
-    if disk_type == "network" and source.get("protocol") == "iscsi":
-        iqn, _, lun = (source.get("name") or "").rpartition("/")
-        if not iqn or not lun.isdigit():
-            iqn, lun = source.get("name") or "", "0"
-        host = source.find("host")
-        if host is None:
-            raise DomainXmlError("invalid_xml", "an iSCSI disk source has no <host>")
-        # libvirt accepts <auth> inside <source> (current) or directly under <disk> (old).
-        auth = source.find("auth")
-        if auth is None:
-            auth = disk.find("auth")
-        secret = None if auth is None else auth.find("secret")
-        iqn_elem = source.find("initiator/iqn")
-        return IscsiSource(
-            host=host.get("name") or "", port=_int_attr(host, "port", default=3260), iqn=iqn,
-            lun=int(lun), auth_user=None if auth is None else auth.get("username"),
-            secret_usage=None if secret is None else secret.get("usage"),
-            secret_uuid=None if secret is None else secret.get("uuid"),
-            slice=_parse_slice(source),
-            initiator=None if iqn_elem is None else iqn_elem.get("name"))
-    raise DomainXmlError("unsupported_disk",
-                         f"disk type {disk_type!r} protocol {source.get('protocol')!r}")
 
 
 # -- disks --------------------------------------------------------------------------------------
@@ -437,7 +249,7 @@ class DiskDevice:
                              device=self.device)
         if self.sgio is not None:
             disk.set("sgio", self.sgio)
-        driver = _sub(disk, "driver", name="qemu", type=_FORMAT_TO_DRIVER[self.format])
+        driver = sub_element(disk, "driver", name="qemu", type=_FORMAT_TO_DRIVER[self.format])
         if self.device != "cdrom" and source is not None:
             driver.set("cache", "none")
             driver.set("io", "native" if isinstance(source, BlockSource) else "threads")
@@ -447,19 +259,19 @@ class DiskDevice:
             driver.set("rerror_policy", rpolicy)
         if source is not None:
             disk.append(source.to_element(optional=self.optional))
-        _sub(disk, "target", dev=self.name, bus=self.iface)
+        sub_element(disk, "target", dev=self.name, bus=self.iface)
         if self.readonly:
-            _sub(disk, "readonly")
+            sub_element(disk, "readonly")
         if self.shared == "shared":
-            _sub(disk, "shareable")
+            sub_element(disk, "shareable")
         if self.serial is not None:
-            _sub(disk, "serial", self.serial)
+            sub_element(disk, "serial", self.serial)
         if self.boot_order is not None:
-            _sub(disk, "boot", order=str(self.boot_order))
+            sub_element(disk, "boot", order=str(self.boot_order))
         if self.alias is not None:
-            _sub(disk, "alias", name=self.alias)
+            sub_element(disk, "alias", name=self.alias)
         if self.address is not None:
-            _sub(disk, "address", **self.address)
+            sub_element(disk, "address", **self.address)
         return disk
 
     def to_xml(self, source: Source | None) -> str:
@@ -517,7 +329,7 @@ class DomainDisk:
             device=device, iface=bus, index=index,  # type: ignore[arg-type]
             guid=guid, pdiv=meta.pdiv, address=None if address is None else dict(address.attrib),
             format=_FORMAT_FROM_DRIVER[driver_type],  # type: ignore[arg-type]
-            boot_order=None if boot is None else _int_attr(boot, "order"),
+            boot_order=None if boot is None else int_attr(boot, "order"),
             propagate_errors=_PROPAGATE_FROM_POLICY.get(policy or ""),  # type: ignore[arg-type]
             shared=shared,
             optional=disk.find("source[@startupPolicy='optional']") is not None,
@@ -649,46 +461,46 @@ class Domain:
 
     def to_element(self) -> etree._Element:
         dom = etree.Element("domain", type=self.virt_type)
-        _sub(dom, "name", self.name)
-        _sub(dom, "uuid", self.uuid)
+        sub_element(dom, "name", self.name)
+        sub_element(dom, "uuid", self.uuid)
         put_metadata(dom, self.synced_metadata())
-        _sub(dom, "memory", str(self.memory_mib), unit="MiB")
-        _sub(dom, "vcpu", str(self.vcpus))
-        os_elem = _sub(dom, "os")
-        _sub(os_elem, "type", "hvm", arch=self.arch, machine=self.machine)
+        sub_element(dom, "memory", str(self.memory_mib), unit="MiB")
+        sub_element(dom, "vcpu", str(self.vcpus))
+        os_elem = sub_element(dom, "os")
+        sub_element(os_elem, "type", "hvm", arch=self.arch, machine=self.machine)
         if self.kernel_boot is not None:
-            _sub(os_elem, "kernel", self.kernel_boot.kernel)
+            sub_element(os_elem, "kernel", self.kernel_boot.kernel)
             if self.kernel_boot.initrd is not None:
-                _sub(os_elem, "initrd", self.kernel_boot.initrd)
+                sub_element(os_elem, "initrd", self.kernel_boot.initrd)
             if self.kernel_boot.cmdline is not None:
-                _sub(os_elem, "cmdline", self.kernel_boot.cmdline)
-        _sub(_sub(dom, "features"), "acpi")
-        _sub(dom, "on_poweroff", self.on_poweroff)
-        _sub(dom, "on_reboot", self.on_reboot)
-        _sub(dom, "on_crash", self.on_crash)
-        devices = _sub(dom, "devices")
-        _sub(devices, "emulator", self.emulator)
+                sub_element(os_elem, "cmdline", self.kernel_boot.cmdline)
+        sub_element(sub_element(dom, "features"), "acpi")
+        sub_element(dom, "on_poweroff", self.on_poweroff)
+        sub_element(dom, "on_reboot", self.on_reboot)
+        sub_element(dom, "on_crash", self.on_crash)
+        devices = sub_element(dom, "devices")
+        sub_element(devices, "emulator", self.emulator)
         for disk in self.disks:
             devices.append(disk.to_element())
         for ctrl in self.controllers:
-            elem = _sub(devices, "controller", type=ctrl.type, index=str(ctrl.index))
+            elem = sub_element(devices, "controller", type=ctrl.type, index=str(ctrl.index))
             if ctrl.model is not None:
                 elem.set("model", ctrl.model)
             if ctrl.address is not None:
-                _sub(elem, "address", **ctrl.address)
+                sub_element(elem, "address", **ctrl.address)
         for chan in self.channels:
-            elem = _sub(devices, "channel", type="unix")
+            elem = sub_element(devices, "channel", type="unix")
             if chan.path is not None:
-                _sub(elem, "source", mode="bind", path=chan.path)
-            _sub(elem, "target", type="virtio", name=chan.name)
+                sub_element(elem, "source", mode="bind", path=chan.path)
+            sub_element(elem, "target", type="virtio", name=chan.name)
             if chan.address is not None:
-                _sub(elem, "address", **chan.address)
+                sub_element(elem, "address", **chan.address)
         if self.console_log is not None:
-            serial = _sub(devices, "serial", type="file")
-            _sub(serial, "source", path=self.console_log, append="on")
-            _sub(serial, "target", port="0")
-        _sub(devices, "memballoon", model="none")
-        _sub(_sub(devices, "video"), "model", type="none")
+            serial = sub_element(devices, "serial", type="file")
+            sub_element(serial, "source", path=self.console_log, append="on")
+            sub_element(serial, "target", port="0")
+        sub_element(devices, "memballoon", model="none")
+        sub_element(sub_element(devices, "video"), "model", type="none")
         return dom
 
     def to_xml(self) -> str:
@@ -707,7 +519,7 @@ class Domain:
         disks = [DomainDisk.from_element(d, metadata.devices.get(_target_dev(d)))
                  for d in dom.iterfind("devices/disk")]
         controllers = [
-            Controller(c.get("type"), _int_attr(c, "index", default=0),  # type: ignore[arg-type]
+            Controller(c.get("type"), int_attr(c, "index", default=0),  # type: ignore[arg-type]
                        c.get("model"), _address(c))
             for c in dom.iterfind("devices/controller") if c.get("type") in ("scsi",
                                                                               "virtio-serial")]

@@ -13,7 +13,8 @@ import logging
 
 from virtyard.host.rpc.errors import HostError
 from virtyard.host.storage.devices import DeviceService
-from virtyard.host.virt.domain_xml import BlockSource, DiskDevice, IscsiSource, Source
+from virtyard.host.virt.disk_sources import BlockSource, IscsiSource, Source
+from virtyard.host.virt.domain_xml import DiskDevice
 from virtyard.host.virt.volume_sources import VolumeSources, drive_user
 
 log = logging.getLogger("virtyard.host.virt.drives")

@@ -20,14 +20,8 @@ from virtyard.host.rpc.errors import NoSuchVmError, VmCreateError, VmExistsError
 from virtyard.host.rpc.locks import KeyedLocks
 from virtyard.host.virt.device_events import DeviceRemovals
 from virtyard.host.virt.device_specs import parse_disks
-from virtyard.host.virt.domain_xml import (
-    QEMU_GA_CHANNEL,
-    Channel,
-    Domain,
-    DomainDisk,
-    DomainXmlError,
-    KernelBoot,
-)
+from virtyard.host.virt.disk_sources import DomainXmlError
+from virtyard.host.virt.domain_xml import QEMU_GA_CHANNEL, Channel, Domain, DomainDisk, KernelBoot
 from virtyard.host.virt.drives import DriveNotVisibleError, DriveResolver
 from virtyard.host.virt.libvirt_conn import LibvirtConnection
 from virtyard.host.virt.metadata import METADATA_KEY, METADATA_NS, VmMetadata

@@ -20,7 +20,7 @@ from virtyard.host.storage.connections import ConnectionRegistry
 from virtyard.host.storage.initiator import Connection
 from virtyard.host.storage.pdiv import Pdiv
 from virtyard.host.storage.volumes import PreparedVolume, VolumeService
-from virtyard.host.virt.domain_xml import BlockSource, IscsiSource, Source, StorageSlice
+from virtyard.host.virt.disk_sources import BlockSource, IscsiSource, Source, StorageSlice
 from virtyard.host.virt.libvirt_conn import LibvirtConnection
 
 log = logging.getLogger("virtyard.host.virt.volume_sources")
