@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from fake_initiator import FakeInitiator
 from pydantic import ValidationError
 
 from virtyard.host.config import HostConfig, StorageConfig
 from virtyard.host.storage import lvm
 from virtyard.host.storage.devices import DeviceService
-from virtyard.host.storage.initiator import Device, Initiator
+from virtyard.host.storage.initiator import Device
 from virtyard.host.storage.volumes import VolumeService
 
 
@@ -66,27 +67,6 @@ def test_lvm_commands_carry_the_hosts_choice() -> None:
     assert with_udev.replace("=1", "=0") == without  # the rest of the restrictions stay
 
 
-class KernelInitiator(Initiator):
-    """Only what VolumeService asks when it is built and when it runs LVM."""
-
-    kind = "kernel"
-
-    def discover(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError
-
-    def login(self, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError
-
-    def logout(self, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError
-
-    def devices(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError
-
-    def device_path(self, guid: str) -> str | None:
-        return f"/dev/mapper/{guid}"
-
-
 class OneLun:
     def devices_of_domain(self, domain_id: str) -> list[Device]:
         return [cast(Device, type("D", (), {"guid": "36001405aa"})())]
@@ -101,7 +81,7 @@ def test_volume_service_passes_the_setting_to_every_lvm_command(
         calls.append(argv)
         return subprocess.CompletedProcess(argv, 0, "", "")
 
-    service = VolumeService(tmp_path, KernelInitiator(), cast(DeviceService, None),
+    service = VolumeService(tmp_path, FakeInitiator("kernel"), cast(DeviceService, None),
                             initiator_name="iqn.2026-11.x:h", timeout=5, dm=True,
                             lvm_runner=runner, lvm_udev=setting)
     assert service.udev is (setting == "on")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from fake_initiator import FakeInitiator
 
 from virtyard.host.rpc.errors import (
     CannotActivateLogicalVolumeError,
@@ -45,7 +46,6 @@ from virtyard.host.storage.initiator import (
     Chap,
     Connection,
     Device,
-    Initiator,
     PathInfo,
     Portal,
     Secret,
@@ -398,26 +398,6 @@ def test_prepared_state_round_trip(tmp_path: Path) -> None:
 
 
 # -- VolumeService over fakes -------------------------------------------------------------------
-
-class FakeInitiator(Initiator):
-    def __init__(self, kind: str) -> None:
-        self.kind = kind  # type: ignore[assignment]
-
-    def discover(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError
-
-    def login(self, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError
-
-    def logout(self, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError
-
-    def devices(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError
-
-    def device_path(self, guid: str) -> str | None:
-        return f"/dev/mapper/{guid}" if self.kind == "kernel" else None
-
 
 CONNECTION = Connection("conn-1", Portal("192.0.2.7", 3260), "iqn.2026-11.org.example:array",
                         chap=Chap("chapuser", Secret("never-shown")))

@@ -393,6 +393,17 @@ class Context:
         again.attempt = op.attempt + 1
         return again
 
+    def finish(self, op: Op, deadline: float) -> Op:
+        """Wait for a submitted command, sending it again while :meth:`retryable`; raises
+        its error (:meth:`check`), else returns the completed op."""
+        done = self.run(op, deadline)
+        while self.retryable(done):
+            done = self.run(self.retry(done), deadline)
+        error = self.check(done)
+        if error is not None:
+            raise error
+        return done
+
     # -- libiscsi task constructors (lun is already in wire encoding) --
 
     def q_inquiry(self, wire_lun: int, page: int | None, alloc: int) -> Callable[[int], int | None]:

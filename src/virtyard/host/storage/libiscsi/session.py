@@ -124,13 +124,7 @@ class Session:
         """Run one command synchronously, retrying unit attentions; its data-in bytes."""
         context = self._live()
         deadline = self._deadline(timeout)
-        op = context.run(context.submit(name, lun, queue), deadline)
-        while context.retryable(op):
-            op = context.run(context.retry(op), deadline)
-        error = context.check(op)
-        if error is not None:
-            raise error
-        return op.data
+        return context.finish(context.submit(name, lun, queue), deadline).data
 
     def report_luns(self, *, timeout: float | None = None) -> tuple[int, ...]:
         """REPORT LUNS (select report 0): the LUN numbers the target exposes to us."""
@@ -200,16 +194,7 @@ class Session:
         ops = [context.submit("read", lun, context.q_read(
                    wire, lba, min(chunk_blocks, end - lba) * block_size, block_size))
                for lba in range(first, end, chunk_blocks)]
-        parts: list[bytes] = []
-        for op in ops:
-            done = context.run(op, deadline)
-            while context.retryable(done):
-                done = context.run(context.retry(done), deadline)
-            error = context.check(done)
-            if error is not None:
-                raise error
-            parts.append(done.data)
-        data = b"".join(parts)
+        data = b"".join(context.finish(op, deadline).data for op in ops)
         skip = offset - first * block_size
         return data[skip:skip + length]
 
@@ -240,12 +225,7 @@ class Session:
                 wire, (offset + start) // block_size, buffer, block_size)))
         ops.append(context.submit("synchronize cache", lun, context.q_sync(wire)))
         for op in ops:
-            done = context.run(op, deadline)
-            while context.retryable(done):
-                done = context.run(context.retry(done), deadline)
-            error = context.check(done)
-            if error is not None:
-                raise error
+            context.finish(op, deadline)
 
 
 def full_length(data: bytes, page: int | None) -> int:
