@@ -70,7 +70,7 @@ def main() -> int:
                                            [16 * MiB] * args.luns)
         params = [{"id": str(uuid.uuid4()), "connection": p, "port": PORTAL_PORT,
                    "iqn": target.iqn} for p in PORTALS]
-        with vm.client(timeout=900) as client:
+        with vm.client(timeout=2400) as client:
             start = time.monotonic()
             statuses = client.call("StoragePool.connectStorageServer",
                                    {"domainType": 3, "connectionParams": params})
