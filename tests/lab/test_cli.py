@@ -409,7 +409,7 @@ def test_a_terminal_session_shows_progress_and_tables(
     assert f"VM {name} is up on {host1}" in captures["migrated"]
 
     wait_until(lambda: cli("vm", "disks", name, "--json").json()[0]["logical_name"], bool,
-               "the guest's name for the disk", timeout=60)
+               "the guest's name for the disk", timeout=180)
     terminal.type("clear")
     terminal.type(f"virtyard vm; virtyard vm disks {name}; virtyard hosts")
     captures["tables"] = terminal.wait_for(
