@@ -20,6 +20,7 @@ from virtyard.engine.commands.storage_domains import (
     AttachStorageDomain,
     RemoveStorageDomain,
     SetDomainState,
+    forget_domain,
     pin_domains,
 )
 from virtyard.engine.db.database import Database
@@ -208,6 +209,33 @@ def test_pins_converge_from_any_state(db: Database) -> None:
         assert pin_domains(tx, h1) == [h1]
         owners = set(tx.scalars(select(HostConnectionPin.owner)))
     assert owners == {f"sd:{sd}"}
+
+
+def test_a_host_coming_up_keeps_the_pin_of_a_domain_being_made(db: Database) -> None:
+    """CI saw it: an engine restart's host-up pinning dropped the pin of an add in flight (its
+    domain is not active), the host logged out, and ``StorageDomain.create`` found no LUN."""
+    h1 = host(db)
+    add = add_command()
+    ctx = context(db)
+    with db.transaction() as tx:
+        add.validate(tx, ctx)
+        tx.add(add.begin(tx, ctx))
+
+    def owners() -> set[str]:
+        with db.read() as tx:
+            return set(tx.scalars(select(HostConnectionPin.owner).where(
+                HostConnectionPin.host_id == h1)))
+
+    made = owners()
+    assert made == {f"sd-work:{add.domain_id}"}
+    with db.transaction() as tx:
+        assert pin_domains(tx, h1) == []
+        assert pin_domains(tx) == []
+    assert owners() == made
+    # Remove (forget) drops the work pin with the domain's own.
+    with db.transaction() as tx:
+        assert forget_domain(tx, add.domain_id) == [h1]
+    assert owners() == set()
 
 
 def test_iso_checks_of_a_cd_change(db: Database) -> None:

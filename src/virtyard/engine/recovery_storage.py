@@ -18,7 +18,7 @@ from sqlalchemy import delete
 from virtyard.engine import audit
 from virtyard.engine.commands.cd_media import CDROM_ID, held_volume, iso_of_volume
 from virtyard.engine.commands.flow import flow_data
-from virtyard.engine.commands.storage_domains import domain_owner, forget_domain
+from virtyard.engine.commands.storage_domains import forget_domain
 from virtyard.engine.db.models import Flow, StorageDomain, VmDevice, VmDynamic
 from virtyard.engine.hosts import connections as conns
 from virtyard.engine.hosts import vm_spec
@@ -48,7 +48,7 @@ async def settle_add_domain(recovery: Any, flow: Flow) -> list[str]:
             domain = tx.get(StorageDomain, domain_id)
             if domain is not None and exists:
                 domain.status = "unattached"
-                touched = conns.drop_owner(tx, domain_owner(domain_id))
+                touched = conns.drop_owner(tx, conns.domain_work_owner(domain_id))
                 outcome = f"storage domain {domain.name} exists (done)"
             else:
                 touched = forget_domain(tx, domain_id)

@@ -36,6 +36,7 @@ from virtyard.engine.db.models import (
     VmDynamic,
     new_id,
 )
+from virtyard.engine.hosts.connections import domain_owner
 from virtyard.engine.hosts.pool import HostAddress, HostCallError, HostUnreachableError
 
 log = logging.getLogger("virtyard.engine.image_disks")
@@ -56,11 +57,6 @@ def volume_size(size: int) -> int:
     """The volume for ``size`` bytes of content: whole MiB (the agent's lvcreate takes sizes
     in whole sectors only; its extents are 4 MiB anyway)."""
     return -(-size // VOLUME_UNIT) * VOLUME_UNIT
-
-
-def domain_owner(domain_id: str) -> str:
-    """The pin owner by which a host keeps a storage domain's connection."""
-    return f"sd:{domain_id}"
 
 
 def domain_hosts(tx: Session, domain_id: str) -> list[Host]:

@@ -40,6 +40,7 @@ from virtyard.engine.db.models import (
     VmDynamic,
 )
 from virtyard.engine.hosts import connections as conns
+from virtyard.engine.hosts.connections import domain_owner, domain_work_owner
 from virtyard.engine.hosts.pool import HostAddress, HostCallError, HostUnreachableError
 
 WWID_RE = re.compile(r"^[0-9A-Za-z_.:-]{4,255}$")
@@ -48,10 +49,6 @@ AGENT_NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]{1,50}$")
 LUN_NOT_FREE = {515: "it holds a storage domain already", 601: "it holds data or cannot "
                 "be initialized", 365: "the domain exists already"}
 NO_SUCH_DOMAIN = 358
-
-
-def domain_owner(domain_id: str) -> str:
-    return f"sd:{domain_id}"
 
 
 def domain_connections(tx: Session, domain_id: str) -> set[str]:
@@ -203,7 +200,7 @@ class AddStorageDomain(FlowCommand[str]):
             if tx.get(LunConnection, (wwid, conn.id)) is None:
                 tx.add(LunConnection(lun_id=wwid, connection_id=conn.id))
         tx.flush()
-        conns.set_pins(tx, self.host.host_id, domain_owner(domain.id),
+        conns.set_pins(tx, self.host.host_id, domain_work_owner(domain.id),
                        domain_connections(tx, domain.id))
         return self.new_flow(None, ctx, host_id=self.host.host_id,
                              data={"domain": domain.id, "wwid": wwid})
@@ -230,7 +227,7 @@ class AddStorageDomain(FlowCommand[str]):
         domain = tx.get(StorageDomain, result)
         assert domain is not None
         domain.status = "unattached"
-        self.released = conns.drop_owner(tx, domain_owner(result))
+        self.released = conns.drop_owner(tx, domain_work_owner(result))
         record_event(tx, ctx, audit.STORAGE_DOMAIN_ADDED,
                      audit.Ids(storage_domain_id=result, host_id=self.host.host_id),
                      domain=self.name, wwid=self.wwids[0], host=self.host.name)
@@ -256,7 +253,8 @@ class AddStorageDomain(FlowCommand[str]):
 def forget_domain(tx: Session, domain_id: str) -> list[str]:
     """Remove a domain's rows (its LUN becomes unknown again, its ISO disks go); the hosts
     that lost pins."""
-    hosts = conns.drop_owner(tx, domain_owner(domain_id))
+    hosts = sorted({*conns.drop_owner(tx, domain_owner(domain_id)),
+                    *conns.drop_owner(tx, domain_work_owner(domain_id))})
     tx.execute(delete(BaseDisk).where(BaseDisk.storage_domain_id == domain_id))
     for lun in tx.scalars(select(Lun).where(Lun.storage_domain_id == domain_id)):
         tx.delete(lun)
@@ -397,13 +395,13 @@ class RemoveStorageDomain(HostCommand[str]):
             return self._format(ctx, self.host)
         except BaseException:
             with ctx.db.transaction() as tx:  # the pin that let the host reach the LUN
-                pinned = conns.drop_owner(tx, domain_owner(self.domain_id))
+                pinned = conns.drop_owner(tx, domain_work_owner(self.domain_id))
             release_hosts(ctx, pinned)
             raise
 
     def _format(self, ctx: Context, host: Candidate) -> str:
         with ctx.db.transaction() as tx:
-            conns.set_pins(tx, host.host_id, domain_owner(self.domain_id),
+            conns.set_pins(tx, host.host_id, domain_work_owner(self.domain_id),
                            domain_connections(tx, self.domain_id))
             wwids = domain_wwids(tx, self.domain_id)
         why = prove_sync(ctx, host, wwids)

@@ -44,6 +44,18 @@ def vm_owner(vm_id: str) -> str:
     return f"vm:{vm_id}"
 
 
+def domain_owner(domain_id: str) -> str:
+    """The pins by which every Up host of its data center reaches an active storage domain
+    (managed as a whole by ``pin_domains``)."""
+    return f"sd:{domain_id}"
+
+
+def domain_work_owner(domain_id: str) -> str:
+    """The pin of one host while it makes or formats a domain's volume group: a flow's own,
+    which ``pin_domains`` never touches (it would drop it: the domain is not active)."""
+    return f"sd-work:{domain_id}"
+
+
 def lun_connection_ids(tx: Session, lun_ids: Iterable[str]) -> set[str]:
     """The connections that reach these LUNs."""
     ids = list(set(lun_ids))
