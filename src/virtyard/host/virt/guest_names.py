@@ -8,6 +8,10 @@ merges both (:func:`map_disks`: the fresher report wins) and, when the names or 
 mapping change, writes the names into the VM's metadata with a new generation — so the stats
 ``hash`` changes and the engine re-reads the VM. Only while the VM is up and not migrating.
 If the guest agents stop or vanish, names stay as last known and nothing errors.
+
+qemu-ga is asked from a few other threads, one question per VM at a time: a frozen qemu-ga
+holds a ``guestInfo`` call for libvirt's agent timeout (5 s each), and that must delay neither
+our agent's reports nor any other VM (CI saw a hot-plugged disk go unnamed for a minute).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +46,10 @@ QGA_RETRY = 1.0  # while qemu-ga has never answered (the guest is booting)
 # After a hot-plug: ask qemu-ga this long after (the guest needs 0.15-0.3 s to see a disk).
 POKE_DELAYS = (0.25, 0.6, 1.2, 2.5)
 TICK = 0.05
+QGA_ASKERS = 4  # threads asking qemu-ga (one question per VM at a time)
+# libvirt waits for qemu-ga's answer forever by default (guest-shutdown excepted): a frozen
+# qemu-ga would hold an asker and libvirt's agent job for good. This bounds every agent call.
+QGA_ANSWER_TIMEOUT = 5
 UNIX_PATH_MAX = 107
 
 
@@ -48,6 +57,7 @@ UNIX_PATH_MAX = 107
 class _VmState:
     qga: GuestReport | None = None
     qga_due: list[float] = dataclasses.field(default_factory=list)
+    asking: bool = False  # a question to qemu-ga is out
     dirty: bool = True
     mapping_digest: str = ""
     guest_disk_mapping: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
@@ -65,6 +75,7 @@ class GuestNames:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._askers = ThreadPoolExecutor(QGA_ASKERS, thread_name_prefix="qga-ask")
         self._last_sync = 0.0
         self._libvirt_away = False  # said once until a sync succeeds again
 
@@ -113,6 +124,7 @@ class GuestNames:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self._askers.shutdown(wait=False, cancel_futures=True)
         self.poller.stop()
 
     def _run(self) -> None:
@@ -133,11 +145,16 @@ class GuestNames:
         if now - self._last_sync > 2.0:
             self._sync_running(now)
         with self._lock:
-            due = [vm for vm, s in self._states.items() if s.qga_due and s.qga_due[0] <= now]
+            due = [vm for vm, s in self._states.items()
+                   if s.qga_due and s.qga_due[0] <= now and not s.asking]
+            for vm_id in due:
+                state = self._states[vm_id]
+                state.asking = True
+                state.qga_due = [t for t in state.qga_due if t > now] or [now + QGA_PERIOD]
             dirty = [vm for vm, s in self._states.items() if s.dirty]
         for vm_id in due:
-            self._ask_qga(vm_id, now)
-        for vm_id in dict.fromkeys([*due, *dirty]):
+            self._askers.submit(self._ask_qga, vm_id)
+        for vm_id in dirty:
             self._update(vm_id)
 
     def _sync_running(self, now: float) -> None:
@@ -160,6 +177,7 @@ class GuestNames:
         for vm_id in gone:
             self.poller.remove(vm_id)
         for vm_id in new:
+            _bound_agent_answers(running[vm_id])
             path = self._channel_of(running[vm_id])
             if path:
                 self.poller.add(vm_id, path, on_report=self._reported(vm_id))
@@ -183,15 +201,29 @@ class GuestNames:
             self._wake.set()
         return on_report
 
-    def _ask_qga(self, vm_id: str, now: float) -> None:
+    def _ask_qga(self, vm_id: str) -> None:
+        """In an asker thread: ask qemu-ga for the disks; the merge thread takes the answer."""
+        try:
+            report = self._guest_info(vm_id)
+        except libvirt.libvirtError:  # libvirtd away: the merge thread says so, once
+            report = None
+        except Exception:  # never lose the asker thread
+            log.exception("guest names: asking qemu-ga of VM %s failed", vm_id)
+            report = None
         with self._lock:
             state = self._states.get(vm_id)
-            if state is None:
-                return
-            state.qga_due = [t for t in state.qga_due if t > now] or [now + QGA_PERIOD]
+            if state is not None:
+                state.asking = False
+                if report is not None:
+                    state.qga = report
+                    state.dirty = True
+        self._wake.set()
+
+    def _guest_info(self, vm_id: str) -> GuestReport | None:
+        now = time.monotonic()
         dom = self.vms.libvirt.lookup(vm_id)
         if dom is None:
-            return
+            return None
         try:
             params = dom.guestInfo(libvirt.VIR_DOMAIN_GUEST_INFO_DISKS, 0)
         except libvirt.libvirtError:
@@ -201,13 +233,8 @@ class GuestNames:
                 state = self._states.get(vm_id)
                 if state is not None and state.qga is None:
                     state.qga_due = sorted({*state.qga_due, now + QGA_RETRY})
-            return
-        report = GuestReport.from_guest_info(params, time.monotonic())
-        with self._lock:
-            state = self._states.get(vm_id)
-            if state is not None:
-                state.qga = report
-                state.dirty = True
+            return None
+        return GuestReport.from_guest_info(params, time.monotonic())
 
     def _update(self, vm_id: str) -> None:
         """Merge both reports; write changed names into the VM's metadata (new generation)."""
@@ -256,6 +283,15 @@ class GuestNames:
                     state.dirty = True
         except libvirt.libvirtError as exc:
             log.debug("VM %s: guest names not written now: %s", vm_id, exc)
+
+
+def _bound_agent_answers(dom: libvirt.virDomain) -> None:
+    """Every qemu-ga call on this VM gives up after :data:`QGA_ANSWER_TIMEOUT` (libvirt keeps
+    the setting while the VM runs here; a migrated-in VM gets it from this host's agent)."""
+    try:
+        dom.agentSetResponseTimeout(QGA_ANSWER_TIMEOUT, 0)
+    except libvirt.libvirtError as exc:
+        log.debug("VM %s: qemu-ga answer timeout not set: %s", dom.UUIDString(), exc)
 
 
 def _up(dom: libvirt.virDomain) -> bool:
