@@ -15,15 +15,14 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import subprocess
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
+from engine_helpers import make_iso
 
 from virtyard.host.client import HostCallError, HostClient, HostUnreachableError
 from virtyard.host.virt.metadata import read_metadata
@@ -89,16 +88,6 @@ def lv_open(vm: StorageHostVM, iso: Iso) -> bool:
     """Whether some process (QEMU) has the LV's device open (``lv_attr`` column 6)."""
     attr = sh(vm, f"lvs --noheadings -o lv_attr {iso.pdiv['domainID']}/{iso.pdiv['volumeID']}")
     return attr.strip()[5] == "o"
-
-
-def make_iso(folder: Path, text: str) -> bytes:
-    content = folder / "content"
-    content.mkdir(parents=True)
-    (content / "hello.txt").write_text(text)
-    out = folder / "cd.iso"
-    subprocess.run(["genisoimage", "-quiet", "-r", "-J", "-o", str(out), str(content)],
-                   check=True)
-    return out.read_bytes()
 
 
 @pytest.fixture(scope="module")

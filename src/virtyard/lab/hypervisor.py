@@ -155,6 +155,18 @@ def libvirtd_conf(*, tcp_port: int, host_uuid: str, log_file: Path) -> str:
     return "\n".join(lines)
 
 
+# How the lab's QEMUs run, on the lab hosts and in the storage host VM (the reasons: below).
+QEMU_AS_ROOT: tuple[str, ...] = (
+    'user = "root"',
+    'group = "root"',
+    "dynamic_ownership = 1",
+    "remember_owner = 0",
+    'stdio_handler = "file"',
+    'security_driver = "none"',
+    "cgroup_controllers = [ ]",
+)
+
+
 def qemu_conf(*, migration_ports: tuple[int, int]) -> str:
     """qemu.conf for one lab host.
 
@@ -175,13 +187,7 @@ def qemu_conf(*, migration_ports: tuple[int, int]) -> str:
     low, high = check_port_range(migration_ports)
     lines = [
         "# Written by virtyard.lab.hypervisor; rewritten at every start.",
-        'user = "root"',
-        'group = "root"',
-        "dynamic_ownership = 1",
-        "remember_owner = 0",
-        'stdio_handler = "file"',
-        'security_driver = "none"',
-        "cgroup_controllers = [ ]",
+        *QEMU_AS_ROOT,
         f"migration_address = {_conf_str(MIGRATION_ADDRESS)}",
         f"migration_host = {_conf_str(MIGRATION_ADDRESS)}",
         f"migration_port_min = {low}",

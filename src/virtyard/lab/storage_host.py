@@ -39,6 +39,7 @@ from virtyard.host.client import ClientTls, HostClient
 from virtyard.lab import ports
 from virtyard.lab.agents import LabPki
 from virtyard.lab.errors import LabError
+from virtyard.lab.hypervisor import QEMU_AS_ROOT
 from virtyard.lab.process import read_pid, require, start_daemon, terminate, wait_until
 from virtyard.lab.storage_host_image import (
     ROOT_TAG,
@@ -83,15 +84,7 @@ unix_sock_group = "root"
 unix_sock_rw_perms = "0770"
 log_outputs = "3:file:/var/log/libvirt/libvirtd.log"
 """
-QEMU_CONF = """\
-user = "root"
-group = "root"
-dynamic_ownership = 1
-remember_owner = 0
-stdio_handler = "file"
-security_driver = "none"
-cgroup_controllers = [ ]
-"""
+QEMU_CONF = "\n".join(QEMU_AS_ROOT) + "\n"
 
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
