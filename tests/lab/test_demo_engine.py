@@ -105,6 +105,9 @@ def test_demo_engine_answers_the_sdk_and_down_leaves_nothing(demo_state: Path,
         assert disk.alias == "demo-lun1"
         [unit] = disk.lun_storage.logical_units
         assert unit.id == target.wwid(1)
+        # Added through host 1: the LUN's facts as the host reads them.
+        assert (unit.size, unit.vendor_id, unit.product_id) == (target.lun(1).size, "IET",
+                                                                "VIRTUAL-DISK")
         with lab.agent_client(0) as agent:  # host 1 runs it, as the engine says, with that disk
             [running] = agent.call("Host.getVMFullList", {"vmList": [vm.id]})
             assert running["status"] == "Up"

@@ -166,10 +166,15 @@ def demo_vm(lab: Lab, target: TargetInfo, hosts: list[str], *,
                          params={"search": f"name={DEMO_VM}"}).get("vm", [])
         vm = found[0] if found else None
         if vm is None or vm["status"] == "down":
+            # Through host 1, logged in to the target: the disk gets the LUN's size, vendor,
+            # product and serial as the host reads them.
+            portal = {"address": target.address, "port": target.port, "target": target.iqn}
+            _request(api, "POST", f"/hosts/{hosts[0]}/iscsilogin", "log host 1 in to the "
+                     "demo target", json={"iscsi": portal})
             disk = _request(api, "POST", "/disks", "add the demo LUN as a disk", json={
-                "alias": DEMO_DISK, "lun_storage": {"type": "iscsi", "logical_units": {
-                    "logical_unit": [{"id": target.wwid(1), "address": target.address,
-                                      "port": target.port, "target": target.iqn}]}}})
+                "alias": DEMO_DISK, "lun_storage": {
+                    "type": "iscsi", "host": {"id": hosts[0]},
+                    "logical_units": {"logical_unit": [{"id": target.wwid(1), **portal}]}}})
             if vm is None:
                 vm = _request(api, "POST", "/vms", "add the demo VM", json={
                     "name": DEMO_VM, "memory": DEMO_VM_MEMORY,
