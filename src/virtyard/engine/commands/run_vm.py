@@ -84,9 +84,10 @@ def candidates(tx: Session, vm: Vm, override: list[str] | None = None) -> list[C
     if placement:
         ordered = [up[h] for h in placement if h in up]
     else:
-        load = dict(tx.execute(select(VmDynamic.run_on_host_id, func.count())
-                               .where(VmDynamic.status.in_(ACTIVE))
-                               .group_by(VmDynamic.run_on_host_id)).tuples().all())
+        load: dict[str | None, int] = {
+            host_id: count for host_id, count in tx.execute(
+                select(VmDynamic.run_on_host_id, func.count())
+                .where(VmDynamic.status.in_(ACTIVE)).group_by(VmDynamic.run_on_host_id))}
         ordered = sorted(up.values(), key=lambda h: (load.get(h.id, 0), h.name))
     return [Candidate(h.id, h.name, HostAddress(h.id, h.address, h.port)) for h in ordered]
 
