@@ -218,6 +218,7 @@ def test_vm_verbs_keep_state_and_push_events(
                 "type": "disk", "device": "disk", "iface": "scsi", "index": 1,
                 "GUID": "3600" + "1" * 28}})
         assert info.value.code == HotplugDiskError.code
+        assert info.value.data["invisible"] == "LUN 3600" + "1" * 28  # as the agent says it
 
         assert check("VM.shutdown", c.call("VM.shutdown", {"vmID": vm_id})) == {
             "vmId": vm_id, "status": "Down"}

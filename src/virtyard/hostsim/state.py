@@ -311,7 +311,8 @@ class SimHost:
         [disk] = parse_disks([drive], existing=list(vm.disks.values()))
         if disk.guid and disk.guid not in self.luns:
             raise HotplugDiskError(f"cannot hotplug {disk.name}: LUN {disk.guid} is not "
-                                   "visible on this host", vmId=vm_id)
+                                   "visible on this host", vmId=vm_id,
+                                   invisible=f"LUN {disk.guid}")
         self._plug(vm, _placed(disk), named=False)
         return vm
 

@@ -9,7 +9,7 @@ VM, activating is a hot-plug (``plug_disk.py``), which the REST layer runs after
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from sqlalchemy import func, select
@@ -156,6 +156,20 @@ class UpdateAttachment(Command[None]):
     bootable: bool | None = None
     read_only: bool | None = None
     pass_discard: bool | None = None
+    changing: bool = field(default=False, init=False)
+
+    def run_in(self, ctx: Context) -> None:
+        """:func:`commands.base.run`, but an update that changes nothing (clients send the
+        whole attachment back) is checked in a read and takes no write transaction."""
+        if not ctx.principal.can_write:
+            raise self.fail(errors.NOT_AUTHORIZED)
+        with ctx.db.read() as tx:
+            self.validate(tx, ctx)
+        if not self.changing:
+            return
+        with ctx.db.transaction() as tx:  # again: it may have changed since the read
+            self.validate(tx, ctx)
+            self.execute(tx, ctx)
 
     def validate(self, tx: Session, ctx: Context) -> None:
         get_vm(self, tx, self.vm_id)
@@ -166,7 +180,8 @@ class UpdateAttachment(Command[None]):
         changes = [(self.interface, element.disk_interface), (self.bootable, element.is_boot),
                    (self.read_only, device.is_readonly), (self.pass_discard,
                                                           element.pass_discard)]
-        if not any(new is not None and new != old for new, old in changes):
+        self.changing = any(new is not None and new != old for new, old in changes)
+        if not self.changing:
             return
         if device.is_plugged and vm_status(tx, self.vm_id) != "down":
             raise self.fail(errors.ATTACHMENT_PLUGGED_UPDATE)

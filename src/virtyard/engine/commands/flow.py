@@ -7,7 +7,8 @@ host is called, because a host call must never run inside a database transaction
    VM: the database refuses a second, which is the VM's lock) and the state that says "in
    progress" (e.g. ``wait_for_launch``);
 2. ``perform``: the host calls, outside any transaction; each step is recorded on the flow row
-   (:meth:`FlowCommand.step`) — and is where a crash test can kill the engine (``die_at``);
+   (:meth:`FlowCommand.step`; not when recovery does not need it) — and is where a crash test
+   can kill the engine (``die_at``);
 3. ``finish`` and the events in one transaction, which also deletes the flow row;
    on failure ``undo`` (then the flow row goes, with a failure event).
 
@@ -84,12 +85,19 @@ class FlowCommand(Command[R]):
         return Flow(kind=self.kind, vm_id=vm_id, user_name=ctx.principal.name,
                     correlation_id=ctx.correlation_id, data=json.dumps(data), **fields)
 
-    def step(self, ctx: Context, flow: Flow, name: str, **data: Any) -> None:
-        """Record that the flow reached ``name`` (with more data), then maybe die there."""
+    def step(self, ctx: Context, flow: Flow, name: str, *, journal: bool = True,
+             **data: Any) -> None:
+        """Record that the flow reached ``name`` (with more data), then maybe die there.
+        ``journal=False``: a step whose row recovery does not need (it asks the hosts either
+        way) costs no commit; it and its data are written with the next journaled step, and
+        its die point stays."""
         flow.step = name
         if data:
             merged = {**json.loads(flow.data or "{}"), **data}
             flow.data = json.dumps(merged)
+        if not journal:
+            die_point(ctx, f"{self.kind}:{name}")
+            return
         with ctx.db.transaction() as tx:
             row = tx.get(Flow, flow.id)
             if row is not None:

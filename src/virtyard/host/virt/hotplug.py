@@ -38,7 +38,8 @@ def hotplug_disk(manager: VmManager, vm_id: str, drive: dict[str, Any]) -> VmSna
         try:
             source = manager.drives.resolve(disk, vm_id)
         except DriveNotVisibleError as exc:
-            raise HotplugDiskError(f"cannot hotplug {disk.name}: {exc}", vmId=vm_id) from None
+            raise HotplugDiskError(f"cannot hotplug {disk.name}: {exc}", vmId=vm_id,
+                                   invisible=exc.what) from None
         entry = dataclasses.replace(before.metadata.device(disk.name), guid=disk.guid,
                                     pdiv=disk.pdiv, disk_id=disk.disk_id,
                                     shared="exclusive" if disk.shared == "exclusive" else None)
