@@ -8,17 +8,39 @@ import itertools
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import libvirt
+import ovirtsdk4 as sdk4
 import pytest
+from ovirtsdk4 import types
 
 from virtyard.lab import qga
 from virtyard.lab.engine import EngineProcess
+from virtyard.lab.guest_image import DEFAULT_CMDLINE
 from virtyard.lab.iscsi_target import TargetInfo
 from virtyard.lab.lab import Lab
+
+MiB = 1 << 20
+
+
+def add_tiny_vm(sdk: sdk4.Connection, lab: Lab, prefix: str,
+                hosts: Iterable[types.Host] = (), *, memory_mib: int = 256,
+                ha_priority: int | None = None) -> types.Vm:
+    """A VM of the lab's tiny guest (booted from its kernel and initrd), named ``prefix-…``,
+    placed on ``hosts`` in order (none: the scheduler picks); HA with ``ha_priority``."""
+    image = lab.guest_image
+    placed = [types.Host(id=h.id) for h in hosts]
+    return sdk.system_service().vms_service().add(types.Vm(
+        name=f"{prefix}-{uuid.uuid4().hex[:6]}", memory=memory_mib * MiB,
+        cluster=types.Cluster(name="Default"), template=types.Template(name="Blank"),
+        high_availability=(types.HighAvailability(enabled=True, priority=ha_priority)
+                           if ha_priority is not None else None),
+        os=types.OperatingSystem(kernel=str(image.kernel), initrd=str(image.initrd),
+                                 cmdline=DEFAULT_CMDLINE),
+        placement_policy=types.VmPlacementPolicy(hosts=placed) if placed else None))
 
 
 def target_name(target: TargetInfo) -> str:

@@ -20,13 +20,12 @@ from typing import Any
 import httpx
 import ovirtsdk4 as sdk4
 import pytest
-from engine_helpers import domain_on, guest_cd_sha, make_iso, own_engine
+from engine_helpers import add_tiny_vm, domain_on, guest_cd_sha, make_iso, own_engine
 from ovirtsdk4 import types
 from test_engine_cdrom import add_domain, attach, iso_disk, iso_volume, prepared
 from test_engine_crash import flow_rows, restart, wait_settled
 
 from virtyard.lab import qga
-from virtyard.lab.guest_image import DEFAULT_CMDLINE
 from virtyard.lab.lab import Lab
 from virtyard.lab.process import wait_until
 
@@ -84,12 +83,7 @@ def test_engine_killed_in_a_cd_change(die_at: str, lands: bool, engine: Any,
     texts = [f"{n} {uuid.uuid4().hex}\n" for n in ("old", "new")]
     isos = [iso_disk(engine, lab, domain.id, dc.id, make_iso(tmp_path, t)) for t in texts]
     shas = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
-    image = lab.guest_image
-    vm = system.vms_service().add(types.Vm(
-        name=f"cdcrash-{uuid.uuid4().hex[:6]}", memory=256 * MiB,
-        cluster=types.Cluster(name="Default"), template=types.Template(name="Blank"),
-        os=types.OperatingSystem(kernel=str(image.kernel), initrd=str(image.initrd),
-                                 cmdline=DEFAULT_CMDLINE)))
+    vm = add_tiny_vm(sdk, lab, "cdcrash")
     vm_service = system.vms_service().vm_service(vm.id)
     cd_path = f"/vms/{vm.id}/cdroms/00000000-0000-0000-0000-000000000000"
     try:

@@ -24,11 +24,10 @@ from typing import Any
 import ovirtsdk4 as sdk4
 import pytest
 import sqlalchemy as sa
-from engine_helpers import domain_on, guest_cd_sha, make_iso
+from engine_helpers import add_tiny_vm, domain_on, guest_cd_sha, make_iso
 from ovirtsdk4 import types
 
 from virtyard.lab import qga
-from virtyard.lab.guest_image import DEFAULT_CMDLINE
 from virtyard.lab.lab import Lab
 
 pytestmark = pytest.mark.lab
@@ -147,13 +146,7 @@ def test_domain_and_cd_load_change_eject(engine: Any, sdk: sdk4.Connection, lab:
                 id=target.wwid(2), address=target.address, port=target.port,
                 target=target.iqn)])))
 
-    image = lab.guest_image
-    vm = system.vms_service().add(types.Vm(
-        name=f"cd-{uuid.uuid4().hex[:6]}", memory=256 * MiB,
-        cluster=types.Cluster(name="Default"), template=types.Template(name="Blank"),
-        os=types.OperatingSystem(kernel=str(image.kernel), initrd=str(image.initrd),
-                                 cmdline=DEFAULT_CMDLINE),
-        placement_policy=types.VmPlacementPolicy(hosts=[types.Host(id=host1.id)])))
+    vm = add_tiny_vm(sdk, lab, "cd", [host1])
     engine_vms.append(vm.id)
     vm_service = system.vms_service().vm_service(vm.id)
     cdroms = vm_service.cdroms_service()

@@ -32,12 +32,11 @@ import libvirt
 import ovirtsdk4 as sdk4
 import pytest
 import sqlalchemy as sa
-from engine_helpers import own_engine
+from engine_helpers import add_tiny_vm, own_engine
 from ovirtsdk4 import types
 
 from virtyard.lab import ports
 from virtyard.lab.engine import EngineProcess
-from virtyard.lab.guest_image import DEFAULT_CMDLINE
 from virtyard.lab.iscsi_target import TargetInfo
 from virtyard.lab.lab import Lab
 from virtyard.lab.process import wait_until
@@ -313,13 +312,7 @@ def scenario(engine: Any, sdk: sdk4.Connection, lab: Lab, *,
             type=types.StorageType.ISCSI, logical_units=[types.LogicalUnit(
                 id=target.wwid(1), address=target.address, port=target.port,
                 target=target.iqn)])))
-    image = lab.guest_image
-    vm = system.vms_service().add(types.Vm(
-        name=f"crash-{uuid.uuid4().hex[:6]}", memory=256 * MiB,
-        cluster=types.Cluster(name="Default"), template=types.Template(name="Blank"),
-        os=types.OperatingSystem(kernel=str(image.kernel), initrd=str(image.initrd),
-                                 cmdline=DEFAULT_CMDLINE),
-        placement_policy=types.VmPlacementPolicy(hosts=[types.Host(id=h.id) for h in hosts])))
+    vm = add_tiny_vm(sdk, lab, "crash", hosts)
     sc = Scenario(engine, sdk, lab, hosts, target, vm.id, disk.id)
     connection_ids = sc.ours()
     try:

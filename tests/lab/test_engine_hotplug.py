@@ -11,11 +11,10 @@ from typing import Any
 
 import ovirtsdk4 as sdk4
 import pytest
-from engine_helpers import domain_on, engine_connections
+from engine_helpers import add_tiny_vm, domain_on, engine_connections
 from ovirtsdk4 import types
 
 from virtyard.lab import qga
-from virtyard.lab.guest_image import DEFAULT_CMDLINE
 from virtyard.lab.iscsi_target import TargetInfo
 from virtyard.lab.lab import Lab
 
@@ -44,14 +43,8 @@ def test_plug_on_a_reached_target_and_after_the_host_lost_it(
     host = wait_host(add_lab_host(0).id, types.HostStatus.UP)
     target = make_target([32 * MiB, 16 * MiB])
     first, second = lun_disk(sdk, target, 1), lun_disk(sdk, target, 2)
-    image = lab.guest_image
     system = sdk.system_service()
-    vm = system.vms_service().add(types.Vm(
-        name=f"hp-{uuid.uuid4().hex[:6]}", memory=256 * MiB,
-        cluster=types.Cluster(name="Default"), template=types.Template(name="Blank"),
-        os=types.OperatingSystem(kernel=str(image.kernel), initrd=str(image.initrd),
-                                 cmdline=DEFAULT_CMDLINE),
-        placement_policy=types.VmPlacementPolicy(hosts=[types.Host(id=host.id)])))
+    vm = add_tiny_vm(sdk, lab, "hp", [host])
     engine_vms.append(vm.id)
     vm_service = system.vms_service().vm_service(vm.id)
     attachments = vm_service.disk_attachments_service()

@@ -12,11 +12,10 @@ from typing import Any
 
 import ovirtsdk4 as sdk4
 import pytest
-from engine_helpers import domain_on, wait_guest_path
+from engine_helpers import add_tiny_vm, domain_on, wait_guest_path
 from ovirtsdk4 import types
 
 from virtyard.lab import qga
-from virtyard.lab.guest_image import DEFAULT_CMDLINE
 from virtyard.lab.iscsi_target import TargetInfo
 from virtyard.lab.lab import Lab
 
@@ -51,13 +50,7 @@ def test_guest_names_and_vm_death(engine: Any, sdk: sdk4.Connection, lab: Lab, *
                                   engine_vms: list[str]) -> None:
     system = sdk.system_service()
     target = make_target([32 * MiB, 32 * MiB, 32 * MiB])
-    image = lab.guest_image
-    vm = system.vms_service().add(types.Vm(
-        name=f"mon-{uuid.uuid4().hex[:6]}", memory=256 * MiB,
-        cluster=types.Cluster(name="Default"), template=types.Template(name="Blank"),
-        os=types.OperatingSystem(kernel=str(image.kernel), initrd=str(image.initrd),
-                                 cmdline=DEFAULT_CMDLINE),
-        placement_policy=types.VmPlacementPolicy(hosts=[types.Host(id=two_hosts[0].id)])))
+    vm = add_tiny_vm(sdk, lab, "mon", [two_hosts[0]])
     engine_vms.append(vm.id)
     vm_service = system.vms_service().vm_service(vm.id)
     attachments = vm_service.disk_attachments_service()
@@ -114,13 +107,7 @@ def test_host_agent_stops_and_comes_back(engine: Any, sdk: sdk4.Connection, lab:
                                          wait_host: Callable[..., types.Host],
                                          engine_vms: list[str]) -> None:
     system = sdk.system_service()
-    image = lab.guest_image
-    vm = system.vms_service().add(types.Vm(
-        name=f"part-{uuid.uuid4().hex[:6]}", memory=256 * MiB,
-        cluster=types.Cluster(name="Default"), template=types.Template(name="Blank"),
-        os=types.OperatingSystem(kernel=str(image.kernel), initrd=str(image.initrd),
-                                 cmdline=DEFAULT_CMDLINE),
-        placement_policy=types.VmPlacementPolicy(hosts=[types.Host(id=two_hosts[1].id)])))
+    vm = add_tiny_vm(sdk, lab, "part", [two_hosts[1]])
     engine_vms.append(vm.id)
     vm_service = system.vms_service().vm_service(vm.id)
     vm_service.start()

@@ -14,11 +14,10 @@ from typing import Any
 
 import ovirtsdk4 as sdk4
 import pytest
-from engine_helpers import domain_on, engine_connections, wait_guest_path
+from engine_helpers import add_tiny_vm, domain_on, engine_connections, wait_guest_path
 from ovirtsdk4 import types
 
 from virtyard.lab import qga
-from virtyard.lab.guest_image import DEFAULT_CMDLINE
 from virtyard.lab.iscsi_target import TargetInfo
 from virtyard.lab.lab import Lab
 
@@ -41,14 +40,7 @@ def test_lun_vm_lifecycle(engine: Any, sdk: sdk4.Connection, lab: Lab, *,
         type=types.StorageType.ISCSI, logical_units=[types.LogicalUnit(
             id=target.wwid(1), address=target.address, port=target.port,
             target=target.iqn)])))
-    image = lab.guest_image
-    vm = system.vms_service().add(types.Vm(
-        name=f"flow-{uuid.uuid4().hex[:6]}", memory=256 * MiB,
-        cluster=types.Cluster(name="Default"), template=types.Template(name="Blank"),
-        os=types.OperatingSystem(kernel=str(image.kernel), initrd=str(image.initrd),
-                                 cmdline=DEFAULT_CMDLINE),
-        placement_policy=types.VmPlacementPolicy(hosts=[types.Host(id=host1.id),
-                                                        types.Host(id=host2.id)])))
+    vm = add_tiny_vm(sdk, lab, "flow", [host1, host2])
     engine_vms.append(vm.id)
     vm_service = system.vms_service().vm_service(vm.id)
     attachments = vm_service.disk_attachments_service()

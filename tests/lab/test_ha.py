@@ -28,12 +28,11 @@ import libvirt
 import ovirtsdk4 as sdk4
 import pytest
 import sqlalchemy as sa
-from engine_helpers import domain_on, wait_guest_path
+from engine_helpers import add_tiny_vm, domain_on, wait_guest_path
 from ovirtsdk4 import types
 
 from virtyard.lab import power, qga
 from virtyard.lab.engine import EngineProcess
-from virtyard.lab.guest_image import DEFAULT_CMDLINE
 from virtyard.lab.iscsi_target import TargetInfo
 from virtyard.lab.lab import Lab
 from virtyard.lab.process import wait_until
@@ -202,14 +201,7 @@ def ha_vm(engine: Any, sdk: sdk4.Connection, lab: Lab, *,
             type=types.StorageType.ISCSI, logical_units=[types.LogicalUnit(
                 id=target.wwid(1), address=target.address, port=target.port,
                 target=target.iqn)])))
-    image = lab.guest_image
-    vm = system.vms_service().add(types.Vm(
-        name=f"ha-{uuid.uuid4().hex[:6]}", memory=192 * MiB,
-        cluster=types.Cluster(name="Default"), template=types.Template(name="Blank"),
-        high_availability=types.HighAvailability(enabled=True, priority=50),
-        os=types.OperatingSystem(kernel=str(image.kernel), initrd=str(image.initrd),
-                                 cmdline=DEFAULT_CMDLINE),
-        placement_policy=types.VmPlacementPolicy(hosts=[types.Host(id=h.id) for h in hosts])))
+    vm = add_tiny_vm(sdk, lab, "ha", hosts, memory_mib=192, ha_priority=50)
     it = HaVm(engine, sdk, lab, hosts, target, vm.id, disk.id)
     try:
         it.service.disk_attachments_service().add(types.DiskAttachment(
@@ -376,15 +368,8 @@ def test_a_host_that_comes_back_loses_its_stale_copy_first(
     the database keeps the real one."""
     power_on_all(lab)
     hosts = [wait_host(h.id, types.HostStatus.UP) for h in (add_lab_host(0), add_lab_host(1))]
-    image = lab.guest_image
     system = sdk.system_service()
-    vm = system.vms_service().add(types.Vm(
-        name=f"stale-{uuid.uuid4().hex[:6]}", memory=128 * MiB,
-        cluster=types.Cluster(name="Default"), template=types.Template(name="Blank"),
-        high_availability=types.HighAvailability(enabled=True, priority=1),
-        os=types.OperatingSystem(kernel=str(image.kernel), initrd=str(image.initrd),
-                                 cmdline=DEFAULT_CMDLINE),
-        placement_policy=types.VmPlacementPolicy(hosts=[types.Host(id=h.id) for h in hosts])))
+    vm = add_tiny_vm(sdk, lab, "stale", hosts, memory_mib=128, ha_priority=1)
     service = system.vms_service().vm_service(vm.id)
     try:
         service.start()
