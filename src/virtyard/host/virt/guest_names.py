@@ -203,13 +203,21 @@ class GuestNames:
 
     def _ask_qga(self, vm_id: str) -> None:
         """In an asker thread: ask qemu-ga for the disks; the merge thread takes the answer."""
+        now = time.monotonic()
+        report: GuestReport | None = None
+        failed = False
         try:
-            report = self._guest_info(vm_id)
-        except libvirt.libvirtError:  # libvirtd away: the merge thread says so, once
-            report = None
+            dom = self.vms.libvirt.lookup(vm_id)
+            if dom is not None:
+                params = dom.guestInfo(libvirt.VIR_DOMAIN_GUEST_INFO_DISKS, 0)
+                report = GuestReport.from_guest_info(params, time.monotonic())
+        except libvirt.libvirtError:
+            # No agent (yet, or any more), or libvirtd away (the merge thread says that, once):
+            # names stay as last known; ask again soon while we have never heard from it (a
+            # guest still booting), else on the period.
+            failed = True
         except Exception:  # never lose the asker thread
             log.exception("guest names: asking qemu-ga of VM %s failed", vm_id)
-            report = None
         with self._lock:
             state = self._states.get(vm_id)
             if state is not None:
@@ -217,24 +225,9 @@ class GuestNames:
                 if report is not None:
                     state.qga = report
                     state.dirty = True
-        self._wake.set()
-
-    def _guest_info(self, vm_id: str) -> GuestReport | None:
-        now = time.monotonic()
-        dom = self.vms.libvirt.lookup(vm_id)
-        if dom is None:
-            return None
-        try:
-            params = dom.guestInfo(libvirt.VIR_DOMAIN_GUEST_INFO_DISKS, 0)
-        except libvirt.libvirtError:
-            # No agent (yet, or any more): names stay as last known; ask again soon while
-            # we have never heard from it (a guest still booting), else on the period.
-            with self._lock:
-                state = self._states.get(vm_id)
-                if state is not None and state.qga is None:
+                elif failed and state.qga is None:
                     state.qga_due = sorted({*state.qga_due, now + QGA_RETRY})
-            return None
-        return GuestReport.from_guest_info(params, time.monotonic())
+        self._wake.set()
 
     def _update(self, vm_id: str) -> None:
         """Merge both reports; write changed names into the VM's metadata (new generation)."""
