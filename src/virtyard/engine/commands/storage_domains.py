@@ -40,7 +40,6 @@ from virtyard.engine.db.models import (
     VmDynamic,
 )
 from virtyard.engine.hosts import connections as conns
-from virtyard.engine.hosts.connections import domain_owner, domain_work_owner
 from virtyard.engine.hosts.pool import HostAddress, HostCallError, HostUnreachableError
 
 WWID_RE = re.compile(r"^[0-9A-Za-z_.:-]{4,255}$")
@@ -76,7 +75,7 @@ def pin_domains(tx: Session, host_id: str | None = None) -> list[str]:
         if domain.data_center_id is None:
             continue
         ids = domain_connections(tx, domain.id)
-        wanted[domain_owner(domain.id)] = {
+        wanted[conns.domain_owner(domain.id)] = {
             (h.id, c) for h in up_hosts_of(tx, domain.data_center_id)
             if host_id in (None, h.id) for c in ids}
     stmt = select(HostConnectionPin).where(HostConnectionPin.owner.like("sd:%"))
@@ -200,7 +199,7 @@ class AddStorageDomain(FlowCommand[str]):
             if tx.get(LunConnection, (wwid, conn.id)) is None:
                 tx.add(LunConnection(lun_id=wwid, connection_id=conn.id))
         tx.flush()
-        conns.set_pins(tx, self.host.host_id, domain_work_owner(domain.id),
+        conns.set_pins(tx, self.host.host_id, conns.domain_work_owner(domain.id),
                        domain_connections(tx, domain.id))
         return self.new_flow(None, ctx, host_id=self.host.host_id,
                              data={"domain": domain.id, "wwid": wwid})
@@ -227,7 +226,7 @@ class AddStorageDomain(FlowCommand[str]):
         domain = tx.get(StorageDomain, result)
         assert domain is not None
         domain.status = "unattached"
-        self.released = conns.drop_owner(tx, domain_work_owner(result))
+        self.released = conns.drop_owner(tx, conns.domain_work_owner(result))
         record_event(tx, ctx, audit.STORAGE_DOMAIN_ADDED,
                      audit.Ids(storage_domain_id=result, host_id=self.host.host_id),
                      domain=self.name, wwid=self.wwids[0], host=self.host.name)
@@ -253,8 +252,8 @@ class AddStorageDomain(FlowCommand[str]):
 def forget_domain(tx: Session, domain_id: str) -> list[str]:
     """Remove a domain's rows (its LUN becomes unknown again, its ISO disks go); the hosts
     that lost pins."""
-    hosts = sorted({*conns.drop_owner(tx, domain_owner(domain_id)),
-                    *conns.drop_owner(tx, domain_work_owner(domain_id))})
+    hosts = sorted({*conns.drop_owner(tx, conns.domain_owner(domain_id)),
+                    *conns.drop_owner(tx, conns.domain_work_owner(domain_id))})
     tx.execute(delete(BaseDisk).where(BaseDisk.storage_domain_id == domain_id))
     for lun in tx.scalars(select(Lun).where(Lun.storage_domain_id == domain_id)):
         tx.delete(lun)
@@ -395,13 +394,13 @@ class RemoveStorageDomain(HostCommand[str]):
             return self._format(ctx, self.host)
         except BaseException:
             with ctx.db.transaction() as tx:  # the pin that let the host reach the LUN
-                pinned = conns.drop_owner(tx, domain_work_owner(self.domain_id))
+                pinned = conns.drop_owner(tx, conns.domain_work_owner(self.domain_id))
             release_hosts(ctx, pinned)
             raise
 
     def _format(self, ctx: Context, host: Candidate) -> str:
         with ctx.db.transaction() as tx:
-            conns.set_pins(tx, host.host_id, domain_work_owner(self.domain_id),
+            conns.set_pins(tx, host.host_id, conns.domain_work_owner(self.domain_id),
                            domain_connections(tx, self.domain_id))
             wwids = domain_wwids(tx, self.domain_id)
         why = prove_sync(ctx, host, wwids)
