@@ -171,6 +171,6 @@ def test_our_agent_alone_names_a_hot_plugged_disk(
         qga.run(dom, "kill -STOP $(pidof qemu-ga)", timeout=3)
     host_client.call("VM.hotplugDisk", {"vmID": vm_id,
                                         "drive": disk(second, "scsi", 0, device="lun")})
-    # (Generous: a busy machine delays the TCG guest's udev; the latency is a benchmark's.)
+    # A bound, not a latency (that is a benchmark's): a busy machine slows the TCG guest.
     found = wait_names(host_client, vm_id, [second], timeout=60)
     assert found[second].startswith("/dev/sd")
