@@ -167,14 +167,16 @@ def demo_vm(lab: Lab, target: TargetInfo, hosts: list[str], *,
         vm = found[0] if found else None
         if vm is None or vm["status"] == "down":
             # Through host 1, logged in to the target: the disk gets the LUN's size, vendor,
-            # product and serial as the host reads them.
+            # product and serial as the host reads them (without them if it cannot log in:
+            # the VM may still run on host 2).
             portal = {"address": target.address, "port": target.port, "target": target.iqn}
-            _request(api, "POST", f"/hosts/{hosts[0]}/iscsilogin", "log host 1 in to the "
-                     "demo target", json={"iscsi": portal})
-            disk = _request(api, "POST", "/disks", "add the demo LUN as a disk", json={
-                "alias": DEMO_DISK, "lun_storage": {
-                    "type": "iscsi", "host": {"id": hosts[0]},
-                    "logical_units": {"logical_unit": [{"id": target.wwid(1), **portal}]}}})
+            storage: dict[str, Any] = {
+                "type": "iscsi",
+                "logical_units": {"logical_unit": [{"id": target.wwid(1), **portal}]}}
+            if api.post(f"/hosts/{hosts[0]}/iscsilogin", json={"iscsi": portal}).is_success:
+                storage["host"] = {"id": hosts[0]}
+            disk = _request(api, "POST", "/disks", "add the demo LUN as a disk",
+                            json={"alias": DEMO_DISK, "lun_storage": storage})
             if vm is None:
                 vm = _request(api, "POST", "/vms", "add the demo VM", json={
                     "name": DEMO_VM, "memory": DEMO_VM_MEMORY,
